@@ -1,0 +1,19 @@
+"""minifca: BERT inference in NumPy (+ Numba, + numba.cuda) and FCA token reduction.
+
+    import minifca
+    model = minifca.from_pretrained("path/to/checkpoint")          # config.json + model.safetensors
+    enc = model.tokenize(["a fine film .", "a dull one ."])
+    out = model(enc)                                                # plain BERT
+    out = model(enc, fca=minifca.FCAConfig(keep=0.5))               # FCA: half the tokens kept
+"""
+from .config import BertConfig
+from .errors import (BackendError, CheckpointError, ConfigError, InputError, MinifcaError, TokenizerError)
+from .fca import AGGREGATES, SCORES, FCAConfig, register_aggregate, register_score
+from .model import Model, Output, from_pretrained
+from .tokenizer import Encoding
+from .assets import default_model_path
+
+__version__ = "0.1.0"
+__all__ = ["BertConfig", "FCAConfig", "Model", "Output", "Encoding", "from_pretrained", "default_model_path",
+           "SCORES", "AGGREGATES", "register_score", "register_aggregate", "MinifcaError", "ConfigError",
+           "CheckpointError", "TokenizerError", "InputError", "BackendError"]

@@ -1,0 +1,359 @@
+"""FCA: fine- and coarse-granularity hybrid self-attention (Zhao et al., ACL 2022), in NumPy.
+
+After the attention sub-layer of an FCA layer (see `reference.bert_forward`), each sequence's
+valid units are
+  1. scored      s = SCORES[rule](...)                  one number per unit
+  2. selected    [CLS] + the k_l - 1 best others -> fine units, original order kept
+  3. aggregated  the rest U -> coarse units: AGGREGATES[rule] gives every member of U a group
+                 and a weight (weights >= 0, summing to 1 in each group); coarse = sum w_j x_j
+and the shortened sequence (fine units, then coarse units, then padding) goes on to the FFN.
+Every unit carries its size: how many input tokens it stands for.
+
+Adding an ablation is one function and one name:
+
+    @register_score("my_rule")
+    def my_rule(stats, x, keys, rng):   # stats: {"received", "cls", "entropy"} each [n]; x, keys [n, H]
+        return ...                      # [n] higher = more informative
+"""
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass, field, asdict
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError
+
+# ---------------------------------------------------------------- scoring rules
+
+SCORES = {}
+
+
+def register_score(name):
+    def deco(fn):
+        SCORES[name] = fn
+        return fn
+    return deco
+
+
+@register_score("attention_received")
+def attention_received(stats, x, keys, rng):
+    """The paper's (and PoWER-BERT's) rule: attention received from the other units."""
+    return stats["received"]                                         # [n]
+
+
+@register_score("cls_attention")
+def cls_attention(stats, x, keys, rng):
+    """Attention that [CLS] pays to each unit."""
+    return stats["cls"]                                              # [n]
+
+
+@register_score("hidden_norm")
+def hidden_norm(stats, x, keys, rng):
+    """L2 norm of the unit's hidden state after Add & LayerNorm."""
+    return np.sqrt((x.astype(np.float64) ** 2).sum(-1))              # [n, H] -> [n]
+
+
+@register_score("attention_entropy")
+def attention_entropy(stats, x, keys, rng):
+    """Entropy of the unit's own attention row: units that gather from many others score higher."""
+    return stats["entropy"]                                          # [n]
+
+
+@register_score("random")
+def random_score(stats, x, keys, rng):
+    """The floor every rule must beat; seeded by (seed, layer, the sequence's tokens)."""
+    return rng.random(len(x))                                        # [n]
+
+
+# ---------------------------------------------------------------- aggregation rules
+# Each takes the non-selected units U (in sequence order): their scores [m], sizes [m],
+# keys [m, H] and the number of coarse units c; it returns groups [m] (coarse unit of each
+# member, -1 = dropped) and weights [m] (>= 0, summing to 1 within each group).
+
+AGGREGATES = {}
+
+
+def register_aggregate(name):
+    def deco(fn):
+        AGGREGATES[name] = fn
+        return fn
+    return deco
+
+
+def _softmax(s):
+    e = np.exp(s - s.max())
+    return e / e.sum()
+
+
+def _normalise_in_groups(groups, w):
+    total = np.zeros(groups.max() + 1)
+    np.add.at(total, groups, w)
+    return w / total[groups]
+
+
+@register_aggregate("drop")
+def drop(scores, sizes, keys, c):
+    """PoWER-BERT: the non-selected units are discarded."""
+    m = len(scores)
+    return np.full(m, -1), np.zeros(m)
+
+
+@register_aggregate("mean")
+def mean(scores, sizes, keys, c):
+    """One coarse unit: the plain average of the input tokens it holds (size-weighted)."""
+    return np.zeros(len(scores), dtype=np.int64), sizes / sizes.sum()
+
+
+@register_aggregate("weighted")
+def weighted(scores, sizes, keys, c):
+    """The paper's rule: one coarse unit, alpha = softmax(scores of U)."""
+    return np.zeros(len(scores), dtype=np.int64), _softmax(scores.astype(np.float64))
+
+
+@register_aggregate("clusters")
+def clusters(scores, sizes, keys, c):
+    """The paper's FCA-k: U split into c contiguous chunks by position, softmax weights in each."""
+    m = len(scores)
+    groups = np.repeat(np.arange(min(c, m)), [len(a) for a in np.array_split(np.arange(m), min(c, m))])
+    w = np.exp(scores.astype(np.float64) - scores.max())
+    return groups, _normalise_in_groups(groups, w)
+
+
+@register_aggregate("similarity")
+def similarity(scores, sizes, keys, c):
+    """ToMe-style bipartite merging on keys until c groups remain; size-weighted averages."""
+    m = len(scores)
+    groups = np.arange(m)
+    sizes = sizes.astype(np.float64)
+    while groups.max() + 1 > c:
+        g = groups.max() + 1
+        feat = np.zeros((g, keys.shape[1]))                          # size-weighted mean key of each group
+        np.add.at(feat, groups, keys * sizes[:, None])
+        feat /= np.linalg.norm(feat, axis=1, keepdims=True) + 1e-12
+        A, Bs = np.arange(0, g, 2), np.arange(1, g, 2)               # alternate groups: sources A, targets B
+        sim = feat[A] @ feat[Bs].T                                   # [|A|, |B|]
+        best = sim.argmax(1)
+        r = min(len(A), g - c)
+        merged = np.argsort(-sim[np.arange(len(A)), best], kind="stable")[:r]
+        target = np.arange(g)
+        target[A[merged]] = Bs[best[merged]]
+        _, groups = np.unique(target[groups], return_inverse=True)   # relabel 0..g'-1 in order
+    return groups, _normalise_in_groups(groups, sizes)
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclass
+class FCAConfig:
+    """How FCA shortens the sequence.
+
+    keep: a ratio of each sequence's own valid length (one float for every layer from
+    `start_layer`, or a list of floats, one per layer), or absolute counts (a list of ints,
+    one per layer). k_l, the number of fine units at layer l, includes [CLS]:
+    k_l = ceil(ratio * valid_length), at least 1. A layer whose k_l is not below the units
+    entering it is left alone. Values must not increase from layer to layer.
+    """
+    keep: float | list = 0.5
+    score: str = "attention_received"
+    aggregate: str = "weighted"
+    clusters: int = 1
+    proportional_attention: bool = False
+    start_layer: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.keep, tuple):
+            self.keep = list(self.keep)
+        if self.score not in SCORES:
+            raise ConfigError(f"FCA score {self.score!r} unknown; choose from {', '.join(SCORES)}")
+        if self.aggregate not in AGGREGATES:
+            raise ConfigError(f"FCA aggregate {self.aggregate!r} unknown; choose from {', '.join(AGGREGATES)}")
+        if isinstance(self.clusters, bool) or not isinstance(self.clusters, (int, np.integer)) or self.clusters < 1:
+            raise ConfigError(f"FCA clusters must be a positive integer, got {self.clusters!r}")
+        if self.clusters > 1 and self.aggregate in ("drop", "mean", "weighted"):
+            raise ConfigError(f"FCA clusters={self.clusters} needs aggregate 'clusters' or 'similarity' "
+                              f"('{self.aggregate}' makes one coarse unit)")
+        if not isinstance(self.start_layer, (int, np.integer)) or self.start_layer < 0:
+            raise ConfigError(f"FCA start_layer must be a non-negative integer, got {self.start_layer!r}")
+        keep = self.keep
+        if isinstance(keep, list):
+            if not keep:
+                raise ConfigError("FCA keep list is empty")
+            if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in keep):
+                if min(keep) < 1:
+                    raise ConfigError(f"FCA keep counts must be >= 1, got {keep}")
+            elif all(isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) for v in keep):
+                if not all(0 < float(v) <= 1 for v in keep) or not all(map(math.isfinite, map(float, keep))):
+                    raise ConfigError(f"FCA keep ratios must be in (0, 1], got {keep}")
+                keep = self.keep = [float(v) for v in keep]
+            else:
+                raise ConfigError(f"FCA keep must be floats (ratios) or ints (counts), not a mix: {keep}")
+            if any(b > a for a, b in zip(keep, keep[1:])):
+                raise ConfigError(f"FCA keep must not increase from layer to layer, got {keep}")
+        elif isinstance(keep, (int, float, np.floating, np.integer)) and not isinstance(keep, bool):
+            if not (0 < float(keep) <= 1) or not math.isfinite(float(keep)):
+                raise ConfigError(f"FCA keep ratio must be in (0, 1], got {keep}")
+            self.keep = float(keep)
+        else:
+            raise ConfigError(f"FCA keep must be a ratio, a list of ratios or a list of counts, got {keep!r}")
+
+    @property
+    def counts(self) -> bool:
+        return isinstance(self.keep, list) and isinstance(self.keep[0], (int, np.integer))
+
+    def check_layers(self, num_layers: int):
+        if isinstance(self.keep, list) and len(self.keep) != num_layers:
+            raise ConfigError(f"FCA keep has {len(self.keep)} entries but the model has {num_layers} layers")
+        if self.start_layer >= num_layers:
+            raise ConfigError(f"FCA start_layer {self.start_layer} >= the model's {num_layers} layers")
+
+    def _value(self, layer):
+        return self.keep[layer] if isinstance(self.keep, list) else self.keep
+
+    def active(self, layer: int) -> bool:
+        """Does layer `layer` select and aggregate at all?"""
+        return layer >= self.start_layer and (self.counts or self._value(layer) < 1.0)
+
+    def k(self, layer: int, n_tokens: int, n_in: int) -> int:
+        """Fine units (with [CLS]) kept at `layer` for a sequence of n_tokens valid tokens."""
+        v = self._value(layer)
+        k = int(v) if self.counts else math.ceil(v * n_tokens - 1e-9)
+        return max(1, min(k, n_in))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path):
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict, source="schedule") -> "FCAConfig":
+        if not isinstance(d, dict) or "keep" not in d:
+            raise ConfigError(f"{source}: an FCA schedule is a JSON object with at least 'keep'")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known - {"comment", "meta"}
+        if unknown:
+            raise ConfigError(f"{source}: unknown FCA field(s) {', '.join(sorted(unknown))}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def load(cls, path) -> "FCAConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: schedule file not found") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source=str(path))
+
+
+# ---------------------------------------------------------------- one reduction step
+
+
+def select(scores, k):
+    """[CLS] (unit 0) plus the k-1 best-scoring others, in sequence order; ties go to the earlier unit."""
+    order = 1 + np.argsort(-scores[1:], kind="stable")               # [n-1] best first
+    return np.sort(np.concatenate([[0], order[:k - 1]]))             # [k]
+
+
+def reduce_sequence(cfg, layer, x, sizes, stats, keys, rng, n_tokens):
+    """One sequence's valid units -> (fine indices [k], U indices [m], groups [m], weights [m]).
+
+    x [n, H], sizes [n], stats {name: [n]}, keys [n, H] hold the valid units only.
+    """
+    n = len(x)
+    k = cfg.k(layer, n_tokens, n)
+    if k >= n:
+        return np.arange(n), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    s = np.asarray(SCORES[cfg.score](stats, x, keys, rng), dtype=np.float64)  # [n]
+    fine = select(s, k)                                              # [k]
+    rest = np.setdiff1d(np.arange(n), fine)                          # [m] in sequence order
+    groups, w = AGGREGATES[cfg.aggregate](s[rest], sizes[rest], keys[rest].astype(np.float64), cfg.clusters)
+    return fine, rest, np.asarray(groups, np.int64), np.asarray(w, np.float64)
+
+
+def merge(x, sizes, fine, rest, groups, w):
+    """Fine units then coarse units: coarse_g = sum over members of w_j x_j; sizes add up."""
+    c = int(groups.max()) + 1 if len(groups) and groups.max() >= 0 else 0
+    W = np.zeros((c, len(rest)))                                     # [c, m] weight of member j in unit g
+    kept = groups >= 0
+    W[groups[kept], np.flatnonzero(kept)] = w[kept]
+    member = np.arange(c)[:, None] == groups[None, :]              # [c, m] membership (even at weight 0)
+    new_x = np.concatenate([x[fine], (W @ x[rest]).astype(x.dtype)])  # [k + c, H]
+    new_sizes = np.concatenate([sizes[fine], member @ sizes[rest]]).astype(sizes.dtype)  # [k + c]
+    return new_x, new_sizes, W
+
+
+@dataclass
+class FCAState:
+    """What FCA tracks across layers: per-layer unit counts (for FLOPs) and, if asked, the trace."""
+    n_tokens: np.ndarray                      # [B] valid input tokens per sequence
+    keys: np.ndarray                          # [B] seeds of the random rule
+    units: list = field(default_factory=list)  # per layer: dict of [B] arrays n_in, n_out, n_merged, scored
+    trace: list | None = None                 # per layer: per sequence: list of units
+    members: list | None = None               # per sequence: [n, L] weight of each input token in each unit
+    n_fine: list | None = None                # per sequence: how many leading units are fine units
+
+    @classmethod
+    def start(cls, mask, keys, trace):
+        n_tokens = mask.sum(1).astype(np.int64)
+        keys = np.zeros(len(mask), np.int64) if keys is None else np.asarray(keys)
+        members = [np.eye(int(n)) for n in n_tokens] if trace else None
+        return cls(n_tokens, keys, [], [] if trace else None, members, [int(n) for n in n_tokens])
+
+    def record(self, layer, mask, merged=None, scored=None):
+        n = mask.sum(1).astype(np.int64)
+        self.units.append({"n_in": n if merged is None else merged[0], "n_out": n,
+                           "n_merged": np.zeros_like(n) if merged is None else merged[1],
+                           "scored": np.zeros(len(n), bool) if scored is None else scored})
+        if merged is not None:
+            self.n_fine = list(merged[2])
+        if self.trace is not None:
+            self.trace.append([_describe(M, k) for M, k in zip(self.members, self.n_fine)])
+
+    def reduce(self, layer, cfg, x, mask, sizes, stats, keys, ops=None):
+        """Shorten every sequence of the batch; returns x [B, n', H], mask [B, n'], sizes [B, n']."""
+        B, _, H = x.shape
+        outs, n_in, n_merged, n_fine, scored = [], [], [], [], []
+        for b in range(B):
+            valid = np.flatnonzero(mask[b] > 0)
+            rng = np.random.default_rng([cfg.seed, layer, int(self.keys[b]) & 0xFFFFFFFF])
+            st = {name: v[b, valid] for name, v in stats.items()}
+            fine, rest, groups, w = reduce_sequence(cfg, layer, x[b, valid], sizes[b, valid], st,
+                                                    keys[b, valid], rng, int(self.n_tokens[b]))
+            new_x, new_sizes, W = merge(x[b, valid], sizes[b, valid], fine, rest, groups, w)
+            outs.append((new_x, new_sizes))
+            n_in.append(len(valid)), n_merged.append(len(rest)), n_fine.append(len(fine)), scored.append(len(rest) > 0)
+            if self.members is not None:
+                M = self.members[b]
+                self.members[b] = np.concatenate([M[fine], W @ M[rest]])
+        n_out = max(len(s) for _, s in outs)
+        new_x = np.zeros((B, n_out, H), x.dtype)
+        new_mask = np.zeros((B, n_out), mask.dtype)
+        new_sizes = np.zeros((B, n_out), sizes.dtype)
+        for b, (xb, sb) in enumerate(outs):
+            new_x[b, :len(sb)], new_mask[b, :len(sb)], new_sizes[b, :len(sb)] = xb, 1, sb
+        self.record(layer, new_mask, merged=(np.array(n_in), np.array(n_merged), n_fine), scored=np.array(scored))
+        return new_x, new_mask, new_sizes
+
+
+def _describe(M, n_fine):
+    """Units of one sequence as [{kind, tokens, weights}] from its membership matrix M [n, L]."""
+    units = []
+    for u, row in enumerate(M):
+        tok = np.flatnonzero(row > 0)
+        units.append({"kind": "fine" if u < n_fine else "coarse", "tokens": tok.tolist(),
+                      "weights": [round(float(v), 6) for v in row[tok]]})
+    return units
+
+
+def sequence_keys(ids, mask):
+    """A seed per sequence from its own tokens, so `random` gives the same alone or in a batch."""
+    return np.array([zlib.crc32(np.ascontiguousarray(i[m > 0], dtype=np.int64).tobytes()) for i, m in zip(ids, mask)],
+                    dtype=np.int64)

@@ -1,0 +1,41 @@
+"""Analytic FLOPs (2 x multiply-adds), counted over valid units only (DESIGN §1).
+
+Per encoder layer, with n units entering it, k fine + c coarse units leaving selection,
+m units merged into the c coarse ones, h heads:
+    projections   Q, K, V, O            4 * 2 n H H
+    attention     Q K^T and A V         2 * 2 n n H
+    LayerNorms    scale and shift       2 n H  (after attention)  +  2 n' H  (after the FFN)
+    scoring       head mean + col sums  n n (h + 1)            (only on layers that reduce)
+    aggregation   weighted sums         2 m H                  (only on layers that reduce)
+    FFN           two linears           2 * 2 n' H I           with n' = k + c units
+plus embeddings (sum of three + LayerNorm: 4 L H), pooler (2 H H) and classifier (2 H C).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def layer_flops(n_in, n_out, H, I, heads, n_merged=0, scored=False):
+    n_in, n_out, n_merged = (np.asarray(v, np.int64) for v in (n_in, n_out, n_merged))
+    f = 8 * n_in * H * H + 4 * n_in * n_in * H + 2 * n_in * H + 4 * n_out * H * I + 2 * n_out * H
+    return f + np.where(scored, n_in * n_in * (heads + 1) + 2 * n_merged * H, 0)
+
+
+def model_flops(cfg, n_tokens, units=None, head=0):
+    """FLOPs per sequence [B]. units: FCAState.units (per layer n_in/n_out/n_merged/scored) or None = full."""
+    H, I, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
+    n_tokens = np.asarray(n_tokens, np.int64)
+    total = 4 * n_tokens * H
+    for layer in range(cfg.num_hidden_layers):
+        if units is None:
+            total = total + layer_flops(n_tokens, n_tokens, H, I, h)
+        else:
+            u = units[layer]
+            total = total + layer_flops(u["n_in"], u["n_out"], H, I, h, u["n_merged"], u["scored"])
+    return total + head
+
+
+def head_flops(cfg, pooler=True, classifier=True):
+    """Pooler (2 H H) and classifier (2 H C) work per sequence, for the heads the checkpoint has."""
+    H = cfg.hidden_size
+    return 2 * H * H * bool(pooler) + 2 * H * cfg.num_labels * bool(classifier)

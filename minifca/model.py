@@ -1,0 +1,201 @@
+"""The user-facing model: from_pretrained, tokenize, forward (plain or FCA), embed, classify."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import reference
+from .config import BertConfig
+from .errors import BackendError, CheckpointError, ConfigError, InputError
+from .fca import FCAConfig, sequence_keys
+from .flops import head_flops, model_flops
+from .tokenizer import Encoding, Tokenizer
+from .weights import find_weight_files, load_state, to_params
+
+NEEDED_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
+                "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"]
+BACKENDS = ("numpy", "numba", "cuda")
+
+
+@dataclass
+class Output:
+    """What a forward pass returns. Arrays are [B, n, ...] with n units (n = L without FCA)."""
+    last_hidden_state: np.ndarray            # [B, n, H]
+    mask: np.ndarray                         # [B, n] 1 = valid unit
+    sizes: np.ndarray                        # [B, n] input tokens each unit stands for
+    pooler_output: np.ndarray | None = None  # [B, H]
+    logits: np.ndarray | None = None         # [B, C] (classifier) or [B, n, V] (masked LM)
+    hidden_states: list | None = None        # num_layers + 1 arrays [B, n_l, H]
+    attentions: list | None = None           # num_layers arrays [B, h, n_l, n_l]
+    flops: int = 0                           # this forward, valid units only
+    flops_full: int = 0                      # the full model, unpadded
+    flops_full_padded: int = 0               # the full model at padded length (pad_to, or the batch's L)
+    flops_per_sequence: np.ndarray | None = None  # [B]
+    trace: list | None = None                # per layer, per sequence: [{kind, tokens, weights}]
+    units: list | None = None                # per layer unit counts (FCA only)
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """Mean-pooled sentence embeddings [B, H] (each unit weighted by its size)."""
+        return reference.mean_pool(self.last_hidden_state, self.mask, self.sizes)
+
+
+def _resolve(name_or_path) -> Path:
+    """A local folder as it is; anything else is a hub id fetched by huggingface_hub (cache first)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: is a file; give the folder that holds config.json and the weights")
+    s = str(name_or_path)
+    if s.startswith((".", "/", "~")) or s.count("/") > 1 or not s:
+        raise CheckpointError(f"{s}: no such directory")
+    try:
+        from huggingface_hub import snapshot_download
+        local = snapshot_download(s, allow_patterns=NEEDED_FILES)
+    except Exception as e:  # network, offline mode, missing repo: one clear message
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        raise CheckpointError(f"{s}: not a local directory, and the hub could not provide it"
+                              f"{' (HF_HUB_OFFLINE is set and it is not in the cache)' if offline else ''}: "
+                              f"{type(e).__name__}: {e}") from None
+    return Path(local)
+
+
+class Model:
+    """A BERT checkpoint ready to run. Build it with `minifca.from_pretrained`."""
+
+    def __init__(self, cfg: BertConfig, params: dict, tokenizer: Tokenizer | None, backend="numpy", path=None):
+        self.config, self.params, self.tokenizer, self.path = cfg, params, tokenizer, path
+        self.backend = backend
+        self.ops = _backend_ops(backend, self)
+
+    # ------------------------------------------------------------ inputs
+    def tokenize(self, texts, pairs=None, max_length=None, truncation=None) -> Encoding:
+        if self.tokenizer is None:
+            raise InputError(f"{self.path}: this checkpoint has no tokenizer; call forward() with input_ids")
+        return self.tokenizer(texts, pairs, max_length=max_length, truncation=truncation)
+
+    def _check_ids(self, ids, mask, tt):
+        ids = np.asarray(ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise InputError(f"input_ids must be a non-empty [batch, length] array, got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"input_ids must be integers, got {ids.dtype}")
+        mask = np.ones_like(ids) if mask is None else np.asarray(mask).reshape(ids.shape)
+        tt = np.zeros_like(ids) if tt is None else np.asarray(tt).reshape(ids.shape)
+        cfg = self.config
+        if ids.shape[1] > cfg.max_position_embeddings:
+            raise InputError(f"input length {ids.shape[1]} exceeds max_position_embeddings "
+                             f"({cfg.max_position_embeddings}); tokenize with truncation=True")
+        bad = (ids < 0) | (ids >= cfg.vocab_size)
+        if bad.any():
+            b, i = np.argwhere(bad)[0]
+            raise InputError(f"token id {ids[b, i]} at [{b}, {i}] is outside the vocabulary [0, {cfg.vocab_size})")
+        if ((tt < 0) | (tt >= cfg.type_vocab_size)).any():
+            raise InputError(f"token_type_ids must lie in [0, {cfg.type_vocab_size}) (type_vocab_size)")
+        if not (mask > 0).any(1).all():
+            raise InputError("attention_mask has a row with no valid token")
+        return ids.astype(np.int64), mask, tt.astype(np.int64)
+
+    # ------------------------------------------------------------ forward
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, fca: FCAConfig | None = None,
+                output_hidden_states=False, output_attentions=False, trace=False, pad_to=None) -> Output:
+        ids, mask, tt = self._check_ids(input_ids, attention_mask, token_type_ids)
+        cfg = self.config
+        if fca is not None:
+            if not isinstance(fca, FCAConfig):
+                raise ConfigError(f"fca must be an FCAConfig or None, got {type(fca).__name__}")
+            fca.check_layers(cfg.num_hidden_layers)
+        r = self.ops.bert_forward(self.params, cfg, ids, mask, tt, fca=fca, ops=self.ops,
+                                  keys=sequence_keys(ids, mask) if fca is not None else None,
+                                  output_hidden_states=output_hidden_states,
+                                  output_attentions=output_attentions, trace=trace)
+        x, m = r["last_hidden_state"], r["mask"]
+        out = Output(x, m, r["sizes"], hidden_states=r["hidden_states"], attentions=r["attentions"],
+                     trace=r["trace"], units=r["units"])
+        p = self.params
+        if "pooler" in p:
+            out.pooler_output = reference.pooler(x, **p["pooler"])
+            if "classifier" in p:
+                out.logits = reference.classifier(out.pooler_output, **p["classifier"])
+        elif "mlm" in p and fca is None:
+            out.logits = reference.mlm_head(x, **p["mlm"], act=cfg.hidden_act, eps=cfg.layer_norm_eps)
+        if not np.isfinite(x).all():
+            raise InputError("the forward produced non-finite values (NaN/inf): the weights or input are broken")
+        n_tokens = (mask > 0).sum(1)
+        head = head_flops(cfg, "pooler" in p, "classifier" in p)
+        per_seq = model_flops(cfg, n_tokens, r["units"], head)
+        padded_len = np.maximum(n_tokens, ids.shape[1] if pad_to is None else int(pad_to))
+        out.flops_per_sequence = per_seq
+        out.flops = int(per_seq.sum())
+        out.flops_full = int(model_flops(cfg, n_tokens, None, head).sum())
+        out.flops_full_padded = int(model_flops(cfg, padded_len, None, head).sum())
+        return out
+
+    def __call__(self, enc: Encoding, fca: FCAConfig | None = None, **kw) -> Output:
+        if not isinstance(enc, Encoding):
+            raise InputError("model(enc) takes the Encoding that model.tokenize(...) returns; "
+                             "use model.forward(input_ids, ...) for raw arrays")
+        return self.forward(enc.input_ids, enc.attention_mask, enc.token_type_ids, fca=fca, **kw)
+
+    # ------------------------------------------------------------ common jobs
+    def _batches(self, texts, pairs, batch_size, max_length, truncation):
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if not texts:
+            raise InputError("empty input: give at least one text")
+        pairs = [pairs] if isinstance(pairs, str) else pairs
+        for i in range(0, len(texts), batch_size):
+            yield self.tokenize(texts[i:i + batch_size], None if pairs is None else list(pairs)[i:i + batch_size],
+                                max_length=max_length, truncation=truncation)
+
+    def embed(self, texts, fca=None, batch_size=32, max_length=None, truncation=None, normalize=False) -> np.ndarray:
+        """Mean-pooled sentence embeddings [N, H] (sentence-transformers convention)."""
+        outs = [self(e, fca=fca).embeddings for e in self._batches(texts, None, batch_size, max_length, truncation)]
+        emb = np.concatenate(outs)
+        if normalize:
+            emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        return emb
+
+    def classify(self, texts, pairs=None, fca=None, batch_size=32, max_length=None, truncation=None):
+        """[(label, probabilities)] per text; needs a checkpoint with a classifier head."""
+        if "classifier" not in self.params:
+            raise CheckpointError(f"{self.path}: this checkpoint has no classifier head (classifier.*)")
+        res = []
+        for e in self._batches(texts, pairs, batch_size, max_length, truncation):
+            logits = self(e, fca=fca).logits
+            probs = reference.softmax(logits.astype(np.float64))
+            res += [(self.config.id2label[int(p.argmax())], p) for p in probs]
+        return res
+
+
+def _backend_ops(backend, model):
+    if backend == "numpy":
+        return reference
+    if backend == "numba":
+        from .kernels import cpu
+        return cpu
+    if backend == "cuda":
+        from .kernels import cuda
+        return cuda.ops_for(model)
+    raise ConfigError(f"backend {backend!r} unknown; choose from {', '.join(BACKENDS)}")
+
+
+def from_pretrained(name_or_path, backend="numpy") -> Model:
+    """Load a BERT checkpoint from a folder (or a hub id): config.json + safetensors + tokenizer."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r} unknown; choose from {', '.join(BACKENDS)}")
+    folder = _resolve(name_or_path)
+    cfg = BertConfig.from_json(folder / "config.json")
+    files = find_weight_files(folder)
+    params = to_params(load_state(files, cfg), cfg)
+    tok = None
+    if (folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file():
+        tok = Tokenizer.from_folder(folder, cfg.max_position_embeddings, cfg.pad_token_id)
+    return Model(cfg, params, tok, backend=backend, path=folder)

@@ -1,0 +1,122 @@
+"""Tokenization through the `tokenizers` library: tokenizer.json, or vocab.txt (+ tokenizer_config.json)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, TokenizerError
+
+
+@dataclass
+class Encoding:
+    """A padded batch: int64 arrays [B, L]; attention_mask is 1 on real tokens, 0 on padding."""
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    token_type_ids: np.ndarray
+    tokens: list | None = None  # the token strings of each sequence, without padding
+
+    def __len__(self):
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, idx):
+        """A sub-batch (slice or index array), trimmed to its own longest sequence."""
+        idx = np.arange(len(self))[idx] if not isinstance(idx, slice) else idx
+        ids, mask, tt = self.input_ids[idx], self.attention_mask[idx], self.token_type_ids[idx]
+        L = max(int(mask.sum(1).max()), 1) if len(ids) else 1
+        toks = None if self.tokens is None else list(np.array(self.tokens, dtype=object)[idx])
+        return Encoding(ids[:, :L], mask[:, :L], tt[:, :L], toks)
+
+
+class Tokenizer:
+    """Wraps a `tokenizers.Tokenizer`; encodes single sentences or pairs into an Encoding."""
+
+    def __init__(self, tk, max_positions: int, pad_id: int = 0):
+        self._tk = tk
+        self.max_positions = max_positions
+        self.pad_id = pad_id
+        self._tk.no_padding()
+        self._tk.no_truncation()
+
+    @classmethod
+    def from_folder(cls, folder: Path, max_positions: int, pad_id: int = 0) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+        tj, vocab = folder / "tokenizer.json", folder / "vocab.txt"
+        if tj.is_file():
+            try:
+                tk = HFTokenizer.from_file(str(tj))
+            except Exception as e:  # tokenizers raises a bare Exception on bad files
+                raise TokenizerError(f"{tj}: cannot be read by tokenizers ({e})") from None
+            return cls(tk, max_positions, pad_id)
+        if vocab.is_file():
+            from tokenizers.implementations import BertWordPieceTokenizer
+            lower = True
+            tc = folder / "tokenizer_config.json"
+            if tc.is_file():
+                try:
+                    lower = bool(json.loads(tc.read_text()).get("do_lower_case", True))
+                except json.JSONDecodeError as e:
+                    raise TokenizerError(f"{tc}: not valid JSON ({e})") from None
+            try:
+                wp = BertWordPieceTokenizer(str(vocab), lowercase=lower)
+            except Exception as e:
+                raise TokenizerError(f"{vocab}: cannot be read as a WordPiece vocabulary ({e})") from None
+            return cls(wp._tokenizer, max_positions, pad_id)
+        raise TokenizerError(f"{folder}: no tokenizer.json or vocab.txt found")
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tk.get_vocab_size()
+
+    def id_to_token(self, i: int) -> str:
+        return self._tk.id_to_token(int(i)) or f"<{i}>"
+
+    def __call__(self, texts, pairs=None, max_length: int | None = None, truncation: bool | None = None) -> Encoding:
+        """Encode `texts` (a str or list of str), optionally with `pairs`, padded to the longest.
+
+        Longer than max_length (default: max_position_embeddings) is an InputError unless
+        truncation is asked for (`truncation=True`, or giving `max_length` implies it).
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if isinstance(pairs, str):
+            pairs = [pairs]
+        texts = list(texts)
+        if not texts:
+            raise InputError("empty input: give at least one text")
+        if not all(isinstance(t, str) for t in texts):
+            raise InputError("texts must be strings")
+        if pairs is not None:
+            pairs = list(pairs)
+            if len(pairs) != len(texts):
+                raise InputError(f"{len(texts)} texts but {len(pairs)} pairs: give one second sentence per text")
+            if not all(isinstance(t, str) for t in pairs):
+                raise InputError("pairs must be strings")
+        if truncation is None:
+            truncation = max_length is not None
+        limit = self.max_positions if max_length is None else int(max_length)
+        if not 2 <= limit <= self.max_positions:
+            raise InputError(f"max_length must be in [2, {self.max_positions}] (max_position_embeddings), got {limit}")
+        if truncation:
+            self._tk.enable_truncation(limit, strategy="longest_first")
+        try:
+            batch = self._tk.encode_batch(list(zip(texts, pairs)) if pairs is not None else texts)
+        finally:
+            self._tk.no_truncation()
+        lengths = [len(e.ids) for e in batch]
+        too_long = [i for i, n in enumerate(lengths) if n > limit]
+        if too_long:
+            i = too_long[0]
+            raise InputError(f"input {i} has {lengths[i]} tokens, more than the limit {limit} "
+                             f"(max_position_embeddings or max_length); pass truncation=True / --truncate to cut it")
+        L = max(lengths)
+        B = len(batch)
+        ids = np.full((B, L), self.pad_id, dtype=np.int64)
+        mask = np.zeros((B, L), dtype=np.int64)
+        tt = np.zeros((B, L), dtype=np.int64)
+        for b, e in enumerate(batch):
+            n = len(e.ids)
+            ids[b, :n], mask[b, :n], tt[b, :n] = e.ids, 1, e.type_ids
+        return Encoding(ids, mask, tt, [list(e.tokens) for e in batch])
