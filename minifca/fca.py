@@ -95,6 +95,13 @@ def _normalise_in_groups(groups, w):
     return w / total[groups]
 
 
+def _softmax_in_groups(groups, s):
+    """softmax of s within each group (each group shifted by its own max, so none underflows to 0/0)."""
+    top = np.full(groups.max() + 1, -np.inf)
+    np.maximum.at(top, groups, s)
+    return _normalise_in_groups(groups, np.exp(s - top[groups]))
+
+
 @register_aggregate("drop")
 def drop(scores, sizes, keys, c):
     """PoWER-BERT: the non-selected units are discarded."""
@@ -118,9 +125,9 @@ def weighted(scores, sizes, keys, c):
 def clusters(scores, sizes, keys, c):
     """The paper's FCA-k: U split into c contiguous chunks by position, softmax weights in each."""
     m = len(scores)
-    groups = np.repeat(np.arange(min(c, m)), [len(a) for a in np.array_split(np.arange(m), min(c, m))])
-    w = np.exp(scores.astype(np.float64) - scores.max())
-    return groups, _normalise_in_groups(groups, w)
+    c = min(c, m)
+    groups = np.repeat(np.arange(c), [len(a) for a in np.array_split(np.arange(m), c)])  # [m] chunk of each
+    return groups, _softmax_in_groups(groups, scores.astype(np.float64))
 
 
 @register_aggregate("similarity")
@@ -178,8 +185,12 @@ class FCAConfig:
         if self.clusters > 1 and self.aggregate in ("drop", "mean", "weighted"):
             raise ConfigError(f"FCA clusters={self.clusters} needs aggregate 'clusters' or 'similarity' "
                               f"('{self.aggregate}' makes one coarse unit)")
-        if not isinstance(self.start_layer, (int, np.integer)) or self.start_layer < 0:
-            raise ConfigError(f"FCA start_layer must be a non-negative integer, got {self.start_layer!r}")
+        for name in ("start_layer", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ConfigError(f"FCA {name} must be a non-negative integer, got {v!r}")
+        if not isinstance(self.proportional_attention, (bool, np.bool_)):
+            raise ConfigError(f"FCA proportional_attention must be true or false, got {self.proportional_attention!r}")
         keep = self.keep
         if isinstance(keep, list):
             if not keep:
@@ -297,15 +308,18 @@ class FCAState:
     keys: np.ndarray                          # [B] seeds of the random rule
     units: list = field(default_factory=list)  # per layer: dict of [B] arrays n_in, n_out, n_merged, scored
     trace: list | None = None                 # per layer: per sequence: list of units
-    members: list | None = None               # per sequence: [n, L] weight of each input token in each unit
+    members: list | None = None               # per sequence: [n, L] weight of each input position in each unit
+    inside: list | None = None                # per sequence: [n, L] 1 where the input position belongs to the unit
     n_fine: list | None = None                # per sequence: how many leading units are fine units
 
     @classmethod
     def start(cls, mask, keys, trace):
         n_tokens = mask.sum(1).astype(np.int64)
         keys = np.zeros(len(mask), np.int64) if keys is None else np.asarray(keys)
-        members = [np.eye(int(n)) for n in n_tokens] if trace else None
-        return cls(n_tokens, keys, [], [] if trace else None, members, [int(n) for n in n_tokens])
+        eye = np.eye(mask.shape[1])
+        members = [eye[m > 0] for m in mask] if trace else None      # [n, L] unit u = its input position
+        inside = [M.copy() for M in members] if trace else None
+        return cls(n_tokens, keys, [], [] if trace else None, members, inside, [int(n) for n in n_tokens])
 
     def record(self, layer, mask, merged=None, scored=None):
         n = mask.sum(1).astype(np.int64)
@@ -315,7 +329,7 @@ class FCAState:
         if merged is not None:
             self.n_fine = list(merged[2])
         if self.trace is not None:
-            self.trace.append([_describe(M, k) for M, k in zip(self.members, self.n_fine)])
+            self.trace.append([_describe(M, S, k) for M, S, k in zip(self.members, self.inside, self.n_fine)])
 
     def reduce(self, layer, cfg, x, mask, sizes, stats, keys, ops=None):
         """Shorten every sequence of the batch; returns x [B, n', H], mask [B, n'], sizes [B, n']."""
@@ -329,10 +343,13 @@ class FCAState:
                                                     keys[b, valid], rng, int(self.n_tokens[b]))
             new_x, new_sizes, W = merge(x[b, valid], sizes[b, valid], fine, rest, groups, w)
             outs.append((new_x, new_sizes))
-            n_in.append(len(valid)), n_merged.append(len(rest)), n_fine.append(len(fine)), scored.append(len(rest) > 0)
+            n_in.append(len(valid)), n_fine.append(len(fine)), scored.append(len(rest) > 0)
+            n_merged.append(int((groups >= 0).sum()))                    # dropped units cost no aggregation
             if self.members is not None:
-                M = self.members[b]
-                self.members[b] = np.concatenate([M[fine], W @ M[rest]])
+                M, S = self.members[b], self.inside[b]
+                member = np.arange(W.shape[0])[:, None] == groups[None, :]  # [c, m]
+                self.members[b] = np.concatenate([M[fine], W @ M[rest]])      # [k + c, L]
+                self.inside[b] = np.concatenate([S[fine], member @ S[rest]])  # [k + c, L]
         n_out = max(len(s) for _, s in outs)
         new_x = np.zeros((B, n_out, H), x.dtype)
         new_mask = np.zeros((B, n_out), mask.dtype)
@@ -343,13 +360,17 @@ class FCAState:
         return new_x, new_mask, new_sizes
 
 
-def _describe(M, n_fine):
-    """Units of one sequence as [{kind, tokens, weights}] from its membership matrix M [n, L]."""
+def _describe(M, S, n_fine):
+    """Units of one sequence as [{kind, tokens, weights, size}]: M [n, L] weights, S [n, L] membership.
+
+    tokens are input positions; weights[i] is tokens[i]'s weight in the unit (its share of the
+    unit's vector, composed through earlier merges; they sum to 1); size = len(tokens).
+    """
     units = []
-    for u, row in enumerate(M):
-        tok = np.flatnonzero(row > 0)
+    for u, (row, member) in enumerate(zip(M, S)):
+        tok = np.flatnonzero(member > 0)
         units.append({"kind": "fine" if u < n_fine else "coarse", "tokens": tok.tolist(),
-                      "weights": [round(float(v), 6) for v in row[tok]]})
+                      "weights": [round(float(v), 6) for v in row[tok]], "size": len(tok)})
     return units
 
 

@@ -6,7 +6,7 @@ m units merged into the c coarse ones, h heads:
     attention     Q K^T and A V         2 * 2 n n H
     LayerNorms    scale and shift       2 n H  (after attention)  +  2 n' H  (after the FFN)
     scoring       head mean + col sums  n n (h + 1)            (only on layers that reduce)
-    aggregation   weighted sums         2 m H                  (only on layers that reduce)
+    aggregation   weighted sums         2 m H                  (only on layers that reduce; m = 0 for drop)
     FFN           two linears           2 * 2 n' H I           with n' = k + c units
 plus embeddings (sum of three + LayerNorm: 4 L H), pooler (2 H H) and classifier (2 H C).
 """
@@ -21,18 +21,19 @@ def layer_flops(n_in, n_out, H, I, heads, n_merged=0, scored=False):
     return f + np.where(scored, n_in * n_in * (heads + 1) + 2 * n_merged * H, 0)
 
 
-def model_flops(cfg, n_tokens, units=None, head=0):
-    """FLOPs per sequence [B]. units: FCAState.units (per layer n_in/n_out/n_merged/scored) or None = full."""
+def flops_per_layer(cfg, n_tokens, units=None):
+    """FLOPs of each encoder layer per sequence [num_layers, B]; units as in `model_flops`."""
     H, I, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
     n_tokens = np.asarray(n_tokens, np.int64)
-    total = 4 * n_tokens * H
-    for layer in range(cfg.num_hidden_layers):
-        if units is None:
-            total = total + layer_flops(n_tokens, n_tokens, H, I, h)
-        else:
-            u = units[layer]
-            total = total + layer_flops(u["n_in"], u["n_out"], H, I, h, u["n_merged"], u["scored"])
-    return total + head
+    if units is None:
+        return np.stack([layer_flops(n_tokens, n_tokens, H, I, h) for _ in range(cfg.num_hidden_layers)])
+    return np.stack([layer_flops(u["n_in"], u["n_out"], H, I, h, u["n_merged"], u["scored"]) for u in units])
+
+
+def model_flops(cfg, n_tokens, units=None, head=0):
+    """FLOPs per sequence [B]. units: FCAState.units (per layer n_in/n_out/n_merged/scored) or None = full."""
+    n_tokens = np.asarray(n_tokens, np.int64)
+    return 4 * n_tokens * cfg.hidden_size + flops_per_layer(cfg, n_tokens, units).sum(0) + head
 
 
 def head_flops(cfg, pooler=True, classifier=True):
