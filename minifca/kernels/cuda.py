@@ -1,0 +1,554 @@
+"""backend="cuda": the reference forward (and FCA) as numba.cuda kernels, the batch kept on the GPU.
+
+Each kernel stands for a reference function (`minifca.reference`), and `CudaOps` offers the same
+names (`embeddings`, `attention`, `attention_stats`, `add_layer_norm`, `ffn`, `linear`,
+`bert_forward`) on host arrays, so each one is tested against the reference. Its own
+`bert_forward` uploads the weights once per model and keeps the batch on the device between
+layers; only the outputs (and, at an FCA layer, the per-unit statistics) come back.
+
+    kernel            reference                       one block per
+    matmul_bias_act   linear (+ activation of ffn)    BM x BN output tile, shared-memory tiles of A and W
+    embed_gather      embeddings' word + pos + type   token
+    add_ln            add_layer_norm / layer_norm     row
+    attention         attention's softmax(QK^T/sqrt d + bias) V   (batch, head, query)
+    stats             attention_stats                 thread per (batch, unit)
+    merge             fca.merge (fine copies, coarse weighted sums)   output unit
+
+FCA decisions (scores, selection, groups, weights) are taken on the host by `fca.reduce_sequence`
+from the statistics the GPU computed, so they are the reference's; gathering and averaging the
+hidden states happen on the device. numba.cuda is imported only when this module is, and only
+`model.py` (backend="cuda") and the CUDA tests import it. Under Numba's simulator
+(NUMBA_ENABLE_CUDASIM=1) the same kernels run with small tiles.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from types import SimpleNamespace
+
+import numpy as np
+
+from .. import fca as fca_mod
+from ..errors import BackendError
+
+ACT_CODES = {None: 0, "gelu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "gelu_fast": 2, "relu": 3,
+             "silu": 4, "swish": 4}
+# score rules that read only the attention statistics (and rules that ignore the keys): the
+# hidden states / keys then stay on the device; any other (e.g. user-registered) rule gets them.
+STATS_ONLY_SCORES = {"attention_received", "cls_attention", "attention_entropy", "random"}
+KEYLESS_AGGREGATES = {"drop", "mean", "weighted", "clusters"}
+cuda = None  # numba.cuda, bound by `kernels()` on first use
+
+
+# ---------------------------------------------------------------- finding CUDA
+
+
+def load_cuda():
+    """numba.cuda with a usable device (or the simulator), else a BackendError naming what is missing."""
+    try:
+        from numba import cuda
+    except ImportError as e:  # a Numba without its CUDA target
+        raise BackendError("backend 'cuda' needs Numba's CUDA target: pip install 'minifca[cuda]' "
+                           f"(the numba-cuda package); importing numba.cuda failed: {e}") from None
+    except Exception as e:  # noqa: BLE001 - e.g. NUMBA_CUDA_DRIVER naming no file fails at import
+        raise BackendError(f"backend 'cuda' cannot run here: the CUDA driver could not be loaded "
+                           f"({type(e).__name__}: {' '.join(str(e).split())})") from None
+    try:
+        ok = cuda.is_available()
+        why = "no CUDA device found"
+    except Exception as e:  # noqa: BLE001 - e.g. NUMBA_CUDA_DRIVER naming no file
+        ok, why = False, f"{type(e).__name__}: {e}"
+    if not ok:
+        try:
+            cuda.current_context()
+        except Exception as e:  # noqa: BLE001 - the driver's own words say what is missing
+            why = f"{type(e).__name__}: {e}"
+        raise BackendError(f"backend 'cuda' cannot run here: no usable NVIDIA GPU/driver ({' '.join(why.split())}). "
+                           "Use backend='numba' or 'numpy', or NUMBA_ENABLE_CUDASIM=1 for Numba's simulator") from None
+    return cuda
+
+
+def simulated() -> bool:
+    from numba.core import config
+    return bool(config.ENABLE_CUDASIM)
+
+
+# ---------------------------------------------------------------- the kernels
+
+
+@lru_cache(maxsize=None)
+def kernels(sim: bool):
+    """Compile-time tile sizes are closure constants: GPU-sized, or tiny under the simulator."""
+    global cuda  # a module global: the simulator swaps it inside kernels for its fake module
+    cuda = load_cuda()
+    from numba import float32, float64
+    BM, BN, BK, TM, TN = (8, 8, 4, 4, 4) if sim else (64, 64, 16, 4, 4)
+    TX, TY = BN // TN, BM // TM                      # threads of a matmul block: TX x TY
+    NT = TX * TY
+    TPB = 4 if sim else 128                          # threads of a row-wise block (power of 2)
+    MAXN, DMAX = 512, 256                            # longest sequence, largest head size
+    INF = float32(np.inf)
+
+    @cuda.jit(device=True)
+    def block_sum(v, buf):
+        tid = cuda.threadIdx.x
+        buf[tid] = v
+        cuda.syncthreads()
+        s = TPB // 2
+        while s > 0:
+            if tid < s:
+                buf[tid] += buf[tid + s]
+            cuda.syncthreads()
+            s //= 2
+        r = buf[0]
+        cuda.syncthreads()
+        return r
+
+    @cuda.jit(device=True)
+    def block_max(v, buf):
+        tid = cuda.threadIdx.x
+        buf[tid] = v
+        cuda.syncthreads()
+        s = TPB // 2
+        while s > 0:
+            if tid < s:
+                buf[tid] = max(buf[tid], buf[tid + s])
+            cuda.syncthreads()
+            s //= 2
+        r = buf[0]
+        cuda.syncthreads()
+        return r
+
+    @cuda.jit(device=True)
+    def erf(x):  # reference.erf: Abramowitz & Stegun 7.1.26
+        a = abs(x)
+        t = 1.0 / (1.0 + 0.3275911 * a)
+        y = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+        e = 1.0 - y * math.exp(-a * a)
+        return e if x >= 0 else -e
+
+    @cuda.jit(device=True)
+    def activate(v, act):  # reference.ACTIVATIONS, by code (ACT_CODES)
+        if act == 1:
+            return 0.5 * v * (1.0 + erf(v * 0.7071067811865476))
+        if act == 2:
+            return 0.5 * v * (1.0 + math.tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)))
+        if act == 3:
+            return max(v, 0.0)
+        if act == 4:
+            return v / (1.0 + math.exp(-v))
+        return v
+
+    @cuda.jit
+    def matmul_bias_act(A, W, bias, act, C):
+        """C = act(A @ W.T + bias): A [M, K], W [N, K] (the checkpoint's [out, in]), C [M, N]."""
+        M, K = A.shape
+        N = W.shape[0]
+        As = cuda.shared.array((BK, BM + 1), float32)  # +1: no bank conflicts on the transposed store
+        Ws = cuda.shared.array((BK, BN + 1), float32)
+        acc = cuda.local.array((TM, TN), float32)
+        a = cuda.local.array(TM, float32)
+        w = cuda.local.array(TN, float32)
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        tid = ty * TX + tx
+        row0, col0 = cuda.blockIdx.y * BM, cuda.blockIdx.x * BN
+        for m in range(TM):
+            for n in range(TN):
+                acc[m, n] = 0
+        for k0 in range(0, K, BK):
+            for e in range(tid, BM * BK, NT):          # tiles of A and W, read along K (coalesced)
+                r, kk = e // BK, e % BK
+                As[kk, r] = A[row0 + r, k0 + kk] if row0 + r < M and k0 + kk < K else 0
+            for e in range(tid, BN * BK, NT):
+                r, kk = e // BK, e % BK
+                Ws[kk, r] = W[col0 + r, k0 + kk] if col0 + r < N and k0 + kk < K else 0
+            cuda.syncthreads()
+            for kk in range(BK):
+                for m in range(TM):
+                    a[m] = As[kk, ty + m * TY]
+                for n in range(TN):
+                    w[n] = Ws[kk, tx + n * TX]
+                for m in range(TM):
+                    for n in range(TN):
+                        acc[m, n] += a[m] * w[n]
+            cuda.syncthreads()
+        for m in range(TM):
+            r = row0 + ty + m * TY
+            for n in range(TN):
+                c = col0 + tx + n * TX
+                if r < M and c < N:
+                    C[r, c] = activate(acc[m, n] + bias[c], act)
+
+    @cuda.jit
+    def embed_gather(ids, tt, word, pos, typ, out):
+        """out[b*L + l] = word[ids[b, l]] + pos[l] + typ[tt[b, l]]."""
+        row = cuda.blockIdx.x
+        L = ids.shape[1]
+        b, l = row // L, row % L
+        for c in range(cuda.threadIdx.x, out.shape[1], TPB):
+            out[row, c] = word[ids[b, l], c] + pos[l, c] + typ[tt[b, l], c]
+
+    @cuda.jit
+    def add_ln(x, r, has_r, g, beta, eps, out):
+        """out = LayerNorm(x + r) per row (r ignored unless has_r); out may alias x or r."""
+        row = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
+        H = x.shape[1]
+        buf = cuda.shared.array(TPB, float32)
+        s = float32(0)
+        for c in range(tid, H, TPB):
+            s += x[row, c] + (r[row, c] if has_r else float32(0))
+        mu = block_sum(s, buf) / float32(H)
+        s = float32(0)
+        for c in range(tid, H, TPB):
+            d = x[row, c] + (r[row, c] if has_r else float32(0)) - mu
+            s += d * d
+        den = math.sqrt(block_sum(s, buf) / float32(H) + eps)
+        for c in range(tid, H, TPB):
+            v = x[row, c] + (r[row, c] if has_r else float32(0))
+            out[row, c] = (v - mu) / den * g[c] + beta[c]
+
+    @cuda.jit
+    def attention(qkv, mask, log_size, has_ls, n_head, scale, ctx, probs, write_probs):
+        """One query row of one head: p = softmax(q K^T / scale + bias), ctx = p V.
+
+        qkv [B*n, 3H] (Q | K | V, heads side by side), mask/log_size [B, n], ctx [B*n, H],
+        probs [B, h, n, n] (written when write_probs).
+        """
+        i, hd, b = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
+        tid = cuda.threadIdx.x
+        n = mask.shape[1]
+        H = ctx.shape[1]
+        d = H // n_head
+        qs = cuda.shared.array(DMAX, float32)
+        p = cuda.shared.array(MAXN, float32)
+        buf = cuda.shared.array(TPB, float32)
+        row = b * n + i
+        for t in range(tid, d, TPB):
+            qs[t] = qkv[row, hd * d + t]
+        cuda.syncthreads()
+        mx = -INF
+        for j in range(tid, n, TPB):                 # logits of the valid keys
+            if mask[b, j] > 0:
+                kr = b * n + j
+                dot = float32(0)
+                for t in range(d):
+                    dot += qs[t] * qkv[kr, H + hd * d + t]
+                lg = dot / scale
+                if has_ls:
+                    lg += log_size[b, j]
+                p[j] = lg
+                mx = max(mx, lg)
+        mx = block_max(mx, buf)
+        s = float32(0)
+        for j in range(tid, n, TPB):
+            e = math.exp(p[j] - mx) if mask[b, j] > 0 else float32(0)
+            p[j] = e
+            s += e
+        s = block_sum(s, buf)
+        for j in range(tid, n, TPB):
+            p[j] = p[j] / s
+            if write_probs:
+                probs[b, hd, i, j] = p[j]
+        cuda.syncthreads()
+        if d <= TPB:                                 # G groups of d threads split the keys
+            G = TPB // d
+            grp, t = tid // d, tid % d
+            acc = float32(0)
+            if grp < G:
+                for j in range(grp, n, G):
+                    acc += p[j] * qkv[b * n + j, 2 * H + hd * d + t]
+            buf[tid] = acc
+            cuda.syncthreads()
+            if tid < d:
+                acc = float32(0)
+                for gg in range(G):
+                    acc += buf[gg * d + tid]
+                ctx[row, hd * d + tid] = acc
+        else:
+            for t in range(tid, d, TPB):
+                acc = float32(0)
+                for j in range(n):
+                    acc += p[j] * qkv[b * n + j, 2 * H + hd * d + t]
+                ctx[row, hd * d + t] = acc
+
+    @cuda.jit
+    def stats(probs, mask, received, cls, entropy):
+        """reference.attention_stats for unit j of sequence b (one thread each)."""
+        idx = cuda.grid(1)
+        B, h, n, _ = probs.shape
+        if idx >= B * n:
+            return
+        b, j = idx // n, idx % n
+        hf = float32(h)
+        rec, ent = float32(0), float32(0)
+        for i in range(n):
+            a = float32(0)
+            for hd in range(h):
+                a += probs[b, hd, i, j]
+            a = a / hf                               # Abar[i, j]
+            if mask[b, i] > 0:
+                rec += a
+            if i == j:
+                rec -= a
+            if i == 0:
+                cls[b, j] = a * mask[b, j]
+            a = float32(0)
+            for hd in range(h):
+                a += probs[b, hd, j, i]
+            a = a / hf                               # Abar[j, i]: unit j's own row
+            ent -= a * math.log(max(a, float32(1e-30)))
+        received[b, j] = rec * mask[b, j]
+        entropy[b, j] = ent * mask[b, j]
+
+    @cuda.jit
+    def merge(x, row_ptr, src, w, out):
+        """out[r] = sum_e w[e] x[src[e]] over e in row_ptr[r]:row_ptr[r+1] (float64 sums, as fca.merge)."""
+        r = cuda.blockIdx.x
+        for c in range(cuda.threadIdx.x, out.shape[1], TPB):
+            acc = float64(0)
+            for e in range(row_ptr[r], row_ptr[r + 1]):
+                acc += w[e] * x[src[e], c]
+            out[r, c] = acc
+
+    return SimpleNamespace(cuda=cuda, BM=BM, BN=BN, TX=TX, TY=TY, TPB=TPB, MAXN=MAXN, DMAX=DMAX,
+                           matmul_bias_act=matmul_bias_act, embed_gather=embed_gather, add_ln=add_ln,
+                           attention=attention, stats=stats, merge=merge)
+
+
+# ---------------------------------------------------------------- device weights
+
+
+def _f32(a):
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def upload_params(cuda, params):
+    """The parameter dict as device arrays, Q/K/V fused into one [3H, H] projection."""
+    up = lambda a: cuda.to_device(_f32(a))
+    lin = lambda p: SimpleNamespace(w=up(p["w"]), b=up(p["b"]))
+    ln = lambda p: SimpleNamespace(g=up(p["g"]), b=up(p["b"]))
+    e = params["embeddings"]
+    layers = []
+    for p in params["layers"]:
+        a = p["attn"]
+        qkv = {"w": np.concatenate([a[k]["w"] for k in "qkv"]), "b": np.concatenate([a[k]["b"] for k in "qkv"])}
+        layers.append(SimpleNamespace(qkv=lin(qkv), o=lin(a["o"]), attn_ln=ln(p["attn_ln"]),
+                                      i=lin(p["ffn"]["i"]), fo=lin(p["ffn"]["o"]), ffn_ln=ln(p["ffn_ln"])))
+    return SimpleNamespace(word=up(e["word"]), position=up(e["position"]), token_type=up(e["token_type"]),
+                           ln=ln(e["ln"]), layers=layers)
+
+
+# ---------------------------------------------------------------- the ops object
+
+
+class CudaOps:
+    """The reference's compute functions on the GPU (host arrays in, host arrays out), and a
+    `bert_forward` that keeps the batch on the device. Build one per model with `ops_for`."""
+
+    def __init__(self, params=None):
+        self.k = kernels(simulated())
+        self.cuda = self.k.cuda
+        self.params = params
+        self.dev = upload_params(self.cuda, params) if params is not None else None
+        self._ws = {}
+
+    # ------------------------------------------------------------ device-level steps
+    def _buf(self, name, shape, dtype=np.float32):
+        """A view of a workspace buffer kept between calls (grown when too small)."""
+        size = int(np.prod(shape))
+        flat = self._ws.get(name)
+        if flat is None or flat.size < size or flat.dtype != dtype:
+            flat = self._ws[name] = self.cuda.device_array(max(size, 1), dtype=dtype)
+        return flat[:size].reshape(shape)
+
+    def _linear(self, x, w, b, act=0, out=None, name="lin"):          # [R, in] -> [R, out]
+        k = self.k
+        M, N = x.shape[0], w.shape[0]
+        out = self._buf(name, (M, N)) if out is None else out
+        grid = ((N + k.BN - 1) // k.BN, (M + k.BM - 1) // k.BM)
+        k.matmul_bias_act[grid, (k.TX, k.TY)](x, w, b, act, out)
+        return out
+
+    def _add_ln(self, x, r, g, b, eps, out):                           # [R, H]
+        self.k.add_ln[x.shape[0], self.k.TPB](x, x if r is None else r, r is not None, g, b, np.float32(eps), out)
+        return out
+
+    def _embed(self, ids, tt, word, position, token_type, g, b, eps, out):  # [B, L] -> [B*L, H]
+        B, L = ids.shape
+        if L > position.shape[0]:
+            raise BackendError(f"input length {L} exceeds the position table ({position.shape[0]})")
+        ids_d = self.cuda.to_device(np.ascontiguousarray(ids, np.int64))
+        tt_d = self.cuda.to_device(np.ascontiguousarray(tt, np.int64))
+        self.k.embed_gather[B * L, self.k.TPB](ids_d, tt_d, word, position, token_type, out)
+        return self._add_ln(out, None, g, b, eps, out)
+
+    def _attention(self, x, mask, log_size, qkv_lin, o_lin, n_head, want_probs, want_stats):
+        """x [B*n, H] (device), mask/log_size [B, n] host -> out [B*n, H], probs, stats, qkv (device)."""
+        k, cuda = self.k, self.cuda
+        B, n = mask.shape
+        H = x.shape[1]
+        d = H // n_head
+        if n > k.MAXN or d > k.DMAX:
+            raise BackendError(f"backend 'cuda' supports sequences up to {k.MAXN} units and heads up to {k.DMAX} "
+                               f"wide; got n={n}, head size {d}")
+        qkv = self._linear(x, qkv_lin.w, qkv_lin.b, name="qkv")      # [B*n, 3H]
+        ctx = self._buf("ctx", (B * n, H))                              # [B*n, H]
+        keep = want_probs or want_stats
+        probs = self._buf("probs", (B, n_head, n, n) if keep else (1, 1, 1, 1))
+        mask_d = cuda.to_device(_f32(mask))
+        ls = cuda.to_device(_f32(log_size)) if log_size is not None else mask_d
+        scale = np.float32(np.sqrt(d))
+        k.attention[(n, n_head, B), k.TPB](qkv, mask_d, ls, log_size is not None, n_head, scale, ctx, probs, keep)
+        out = self._linear(ctx, o_lin.w, o_lin.b, name="attn_out")     # [B*n, H]
+        st = self._stats(probs, mask_d) if want_stats else None
+        return out, (probs if keep else None), st, qkv
+
+    def _stats(self, probs, mask_d):                                    # [B, h, n, n] -> {name: [B, n]}
+        B, _, n, _ = probs.shape
+        st = {name: self._buf("stat_" + name, (B, n)) for name in ("received", "cls", "entropy")}
+        self.k.stats[(B * n + 127) // 128, 128](probs, mask_d, st["received"], st["cls"], st["entropy"])
+        return st
+
+    def _merge(self, x, row_ptr, src, w, out):                          # [R, H] -> [R', H]
+        cuda = self.cuda
+        self.k.merge[out.shape[0], self.k.TPB](x, cuda.to_device(row_ptr), cuda.to_device(src), cuda.to_device(w), out)
+        return out
+
+    # ------------------------------------------------------------ reference names, host arrays
+    def _up(self, a):
+        return self.cuda.to_device(_f32(a))
+
+    def linear(self, x, w, b):
+        x = _f32(x)
+        out = self._linear(self._up(x.reshape(-1, x.shape[-1])), self._up(w), self._up(b))
+        return out.copy_to_host().reshape(*x.shape[:-1], w.shape[0])
+
+    def embeddings(self, ids, tt, word, position, token_type, ln, eps):
+        B, L = np.shape(ids)
+        out = self._buf("emb", (B * L, word.shape[1]))
+        out = self._embed(ids, tt, self._up(word), self._up(position), self._up(token_type),
+                          self._up(ln["g"]), self._up(ln["b"]), eps, out)
+        return out.copy_to_host().reshape(B, L, -1)
+
+    def attention(self, x, mask, log_size, q, k, v, o, n_head, want_probs=True, want_stats=False):
+        B, n, H = x.shape
+        qkv_lin = SimpleNamespace(w=self._up(np.concatenate([q["w"], k["w"], v["w"]])),
+                                  b=self._up(np.concatenate([q["b"], k["b"], v["b"]])))
+        o_lin = SimpleNamespace(w=self._up(o["w"]), b=self._up(o["b"]))
+        out, probs, st, qkv = self._attention(self._up(_f32(x).reshape(B * n, H)), mask, log_size, qkv_lin, o_lin,
+                                              n_head, want_probs, want_stats)
+        keys = qkv.copy_to_host()[:, H:2 * H].reshape(B, n, H)
+        return (out.copy_to_host().reshape(B, n, H), probs.copy_to_host() if want_probs else None,
+                None if st is None else {name: a.copy_to_host() for name, a in st.items()}, keys)
+
+    def attention_stats(self, probs, mask):
+        st = self._stats(self._up(probs), self._up(mask))
+        return {name: a.copy_to_host() for name, a in st.items()}
+
+    def add_layer_norm(self, x, residual, g, b, eps):
+        shape = x.shape
+        x2 = self._up(x).reshape(-1, shape[-1])
+        out = self._add_ln(x2, self._up(residual).reshape(-1, shape[-1]), self._up(g), self._up(b), eps,
+                           self._buf("ln", x2.shape))
+        return out.copy_to_host().reshape(shape)
+
+    def ffn(self, x, i, o, act):
+        shape = x.shape
+        h = self._linear(self._up(x).reshape(-1, shape[-1]), self._up(i["w"]), self._up(i["b"]), ACT_CODES[act],
+                         name="inter")
+        return self._linear(h, self._up(o["w"]), self._up(o["b"])).copy_to_host().reshape(shape)
+
+    # ------------------------------------------------------------ the forward pass
+    def device_params(self, params):
+        if params is not self.params:  # another parameter dict: upload it once and keep it
+            self.params, self.dev = params, upload_params(self.cuda, params)
+        return self.dev
+
+    def bert_forward(self, params, cfg, ids, mask, tt, fca=None, ops=None, keys=None,
+                     output_hidden_states=False, output_attentions=False, trace=False):
+        """reference.bert_forward on the GPU: same arguments, same dict of host arrays."""
+        P = self.device_params(params)
+        eps, n_head, act = cfg.layer_norm_eps, cfg.num_attention_heads, ACT_CODES[cfg.hidden_act]
+        ids = np.asarray(ids)
+        B, L = ids.shape
+        H = P.word.shape[1]
+        mask = (np.asarray(mask) > 0).astype(np.float32)                # [B, L]
+        cur = 0                                                          # hidden states live in x0 or x1
+        x = self._embed(ids, tt, P.word, P.position, P.token_type, P.ln.g, P.ln.b, eps, self._buf("x0", (B * L, H)))
+        sizes = mask.copy()                                              # [B, n]
+        state = fca_mod.FCAState.start(mask, keys, trace) if fca is not None else None
+        host = lambda t: t.copy_to_host().reshape(B, -1, H)
+        hidden, attns = [host(x)] if output_hidden_states else None, [] if output_attentions else None
+        for layer, p in enumerate(P.layers):
+            reduce = fca is not None and fca.active(layer)
+            log_size = np.log(np.maximum(sizes, 1e-30)) if fca is not None and fca.proportional_attention else None
+            a, probs, st, qkv = self._attention(x, mask, log_size, p.qkv, p.o, n_head, attns is not None, reduce)
+            x = self._add_ln(a, x, p.attn_ln.g, p.attn_ln.b, eps, x)  # [B*n, H], in place
+            if attns is not None:
+                attns.append(probs.copy_to_host())
+            if reduce:
+                n = mask.shape[1]
+                xh = x.copy_to_host().reshape(B, n, H) if fca.score not in STATS_ONLY_SCORES else None
+                kh = qkv.copy_to_host()[:, H:2 * H].reshape(B, n, H) if fca.aggregate not in KEYLESS_AGGREGATES else None
+                stats = {name: v.copy_to_host() for name, v in st.items()}
+                row_ptr, src, w, mask, sizes = reduce_plan(state, layer, fca, mask, sizes, stats, xh, kh)
+                cur = 1 - cur                                               # merge into the other buffer
+                x = self._merge(x, row_ptr, src, w, self._buf(f"x{cur}", (B * mask.shape[1], H)))  # [B*n', H]
+            elif state is not None:
+                state.record(layer, mask)
+            h = self._linear(x, p.i.w, p.i.b, act, name="inter")         # [B*n, I]
+            f = self._linear(h, p.fo.w, p.fo.b, name="ffn_out")          # [B*n, H]
+            x = self._add_ln(f, x, p.ffn_ln.g, p.ffn_ln.b, eps, x)       # in place
+            if hidden is not None:
+                hidden.append(host(x))
+        return {"last_hidden_state": host(x), "mask": mask, "sizes": sizes, "hidden_states": hidden,
+                "attentions": attns, "units": None if state is None else state.units,
+                "trace": None if state is None else state.trace}
+
+
+# ---------------------------------------------------------------- FCA: decide on the host, merge on the device
+
+
+def reduce_plan(state, layer, cfg, mask, sizes, stats, x=None, keys=None):
+    """FCA's decisions for a batch, as a gather plan for the `merge` kernel.
+
+    mask, sizes [B, n]; stats {name: [B, n]}; x, keys [B, n, H] or None when the rules do not read
+    them. `FCAState.reduce` itself decides and records the layer (units, trace), given empty
+    hidden states when the score does not read them; the plan repeats its per-sequence
+    `reduce_sequence` (same seeded rng, so the same decisions) to learn which rows to gather.
+    Returns row_ptr [B*n'+1], src [nnz] (rows of the [B*n, H] input), w [nnz] (float64), the new
+    mask and sizes [B, n'].
+    """
+    B, n = mask.shape
+    none = np.zeros((B, n, 0), np.float32)
+    _, new_mask, new_sizes = state.reduce(layer, cfg, none if x is None else x, mask, sizes, stats,
+                                          none if keys is None else keys)
+    n_out = new_mask.shape[1]
+    counts, src, wts = np.zeros(B * n_out, np.int64), [], []
+    for b in range(B):
+        valid = np.flatnonzero(mask[b] > 0)
+        rng = np.random.default_rng([cfg.seed, layer, int(state.keys[b]) & 0xFFFFFFFF])  # as FCAState.reduce
+        xb = (none if x is None else x)[b, valid]
+        kb = (none if keys is None else keys)[b, valid]
+        st = {name: v[b, valid] for name, v in stats.items()}
+        fine, rest, groups, w = fca_mod.reduce_sequence(cfg, layer, xb, sizes[b, valid], st, kb, rng,
+                                                        int(state.n_tokens[b]))
+        _, _, W = fca_mod.merge(none[b, valid], sizes[b, valid], fine, rest, groups, w)  # W [c, m]
+        units = [([b * n + valid[f]], [1.0]) for f in fine]              # fine units: copies
+        for g in range(W.shape[0]):                                      # coarse units: sum_j W[g, j] x[rest[j]]
+            members = np.flatnonzero(groups == g)
+            units.append((b * n + valid[rest[members]], W[g, members]))
+        for u, (rows, ws) in enumerate(units):
+            counts[b * n_out + u] = len(rows)
+            src.append(np.asarray(rows, np.int64)), wts.append(np.asarray(ws, np.float64))
+    row_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return row_ptr, np.concatenate(src), np.concatenate(wts), new_mask, new_sizes
+
+
+def ops_for(model) -> CudaOps:
+    """The CUDA ops of a model, built (weights uploaded) once and kept on the model object."""
+    ops = getattr(model, "_cuda_ops", None)
+    if ops is None:
+        ops = model._cuda_ops = CudaOps(model.params)
+    return ops

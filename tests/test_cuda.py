@@ -1,0 +1,210 @@
+"""backend="cuda" (minifca/kernels/cuda.py) against the NumPy reference, under Numba's CUDA simulator.
+
+CI has no GPU, so the kernels run in the simulator: NUMBA_ENABLE_CUDASIM must be set before
+numba.cuda is first imported (numba re-reads its config at every compile, so it stays set; it
+changes nothing for CPU-only Numba). Shapes are tiny because the simulator runs every GPU thread
+as a Python thread. The same comparisons on a real GPU: scripts/bench_cuda.py --parity.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+from numba.core import config as numba_config  # noqa: E402
+
+numba_config.reload_config()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from minifca import reference  # noqa: E402
+from minifca.config import BertConfig  # noqa: E402
+from minifca.fca import FCAConfig  # noqa: E402
+from minifca.kernels import cuda as kc  # noqa: E402
+
+TOL = 1e-5
+CFG = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=12, max_position_embeddings=16, layer_norm_eps=1e-12)
+
+
+def random_params(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    r = lambda *s: (rng.standard_normal(s) * 0.5).astype(np.float32)
+    lin = lambda o, i: {"w": r(o, i), "b": r(o)}
+    ln = lambda: {"g": 1 + r(cfg.hidden_size), "b": r(cfg.hidden_size)}
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    return {"embeddings": {"word": r(cfg.vocab_size, H), "position": r(cfg.max_position_embeddings, H),
+                           "token_type": r(cfg.type_vocab_size, H), "ln": ln()},
+            "layers": [{"attn": {"q": lin(H, H), "k": lin(H, H), "v": lin(H, H), "o": lin(H, H)},
+                        "attn_ln": ln(), "ffn": {"i": lin(I, H), "o": lin(H, I)}, "ffn_ln": ln()}
+                       for _ in range(cfg.num_hidden_layers)]}
+
+
+def batch(seed=0, B=3, L=9):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, CFG.vocab_size, (B, L))
+    lengths = [L] + list(rng.integers(2, L + 1, B - 1))
+    mask = (np.arange(L)[None] < np.array(lengths)[:, None]).astype(np.int64)
+    tt = (np.arange(L)[None] >= L // 2).astype(np.int64) * mask
+    return ids * mask, mask, tt
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_simulator():
+    """The simulator's scheduler polls its GPU threads while holding the GIL: a short switch
+    interval makes these tests ~10x faster. Restored afterwards."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    yield
+    sys.setswitchinterval(old)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return random_params(CFG)
+
+
+@pytest.fixture(scope="module")
+def ops(params):
+    return kc.CudaOps(params)
+
+
+def close(a, b, tol=TOL):
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), atol=tol, rtol=0)
+
+
+def test_simulator_in_use():
+    assert kc.simulated(), "NUMBA_ENABLE_CUDASIM was not honoured: numba.cuda was imported earlier"
+
+
+@settings(max_examples=4)
+@given(M=st.integers(1, 19), K=st.integers(1, 21), N=st.integers(1, 13))
+def test_linear_tiles_any_shape(ops, M, K, N):
+    rng = np.random.default_rng(M * 1000 + K * 10 + N)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((M, K), (N, K), (N,)))
+    close(ops.linear(x, w, b), reference.linear(x, w, b))
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu", "silu"])
+def test_ffn_activations(ops, params, act):
+    x = np.random.default_rng(1).standard_normal((2, 5, CFG.hidden_size)).astype(np.float32)
+    p = params["layers"][0]["ffn"]
+    close(ops.ffn(x, **p, act=act), reference.ffn(x, **p, act=act))
+
+
+def test_embeddings_and_layer_norm(ops, params):
+    ids, mask, tt = batch()
+    e = params["embeddings"]
+    close(ops.embeddings(ids, tt, **e, eps=CFG.layer_norm_eps), reference.embeddings(ids, tt, **e, eps=CFG.layer_norm_eps))
+    rng = np.random.default_rng(2)
+    x, r = rng.standard_normal((2, 2, 3, CFG.hidden_size)).astype(np.float32)
+    ln = params["layers"][0]["attn_ln"]
+    close(ops.add_layer_norm(x, r, **ln, eps=1e-5), reference.add_layer_norm(x, r, **ln, eps=1e-5))
+
+
+@pytest.mark.parametrize("proportional, n_head", [(False, 4), (True, 4), (False, 1)])
+def test_attention_probs_stats_keys(ops, params, proportional, n_head):
+    """n_head 4: head size 2 < the simulator's 4 threads (keys split among thread groups); 1: 8 > 4."""
+    ids, mask, tt = batch(3)
+    x = np.random.default_rng(3).standard_normal((*ids.shape, CFG.hidden_size)).astype(np.float32)
+    mask = mask.astype(np.float32)
+    log_size = np.log(np.maximum(mask * np.arange(1, ids.shape[1] + 1), 1e-30)).astype(np.float32) if proportional else None
+    p = params["layers"][1]["attn"]
+    got = ops.attention(x, mask, log_size, **p, n_head=n_head, want_stats=True)
+    want = reference.attention(x, mask, log_size, **p, n_head=n_head, want_stats=True)
+    for g, w in zip(got[:2] + got[3:], want[:2] + want[3:]):      # output, probs, keys
+        close(g, w)
+    for name in want[2]:
+        close(got[2][name], want[2][name])
+    stats = ops.attention_stats(want[1], mask)                     # the stats kernel on its own
+    for name in want[2]:
+        close(stats[name], want[2][name])
+
+
+def test_forward_full_with_hidden_states_and_attentions(ops, params):
+    ids, mask, tt = batch(4)
+    kw = dict(output_hidden_states=True, output_attentions=True)
+    got = ops.bert_forward(params, CFG, ids, mask, tt, **kw)
+    want = reference.bert_forward(params, CFG, ids, mask, tt, **kw)
+    close(got["last_hidden_state"], want["last_hidden_state"])
+    for g, w in zip(got["hidden_states"] + got["attentions"], want["hidden_states"] + want["attentions"]):
+        close(g, w)
+    assert got["units"] is None and np.array_equal(got["mask"], want["mask"])
+
+
+FCA_RULES = [
+    FCAConfig(keep=0.5),                                                          # the paper's rule
+    FCAConfig(keep=[0.7, 0.4], score="cls_attention", aggregate="drop"),
+    FCAConfig(keep=[5, 3], score="attention_entropy", aggregate="clusters", clusters=2),
+    FCAConfig(keep=0.6, score="hidden_norm", aggregate="mean", proportional_attention=True),
+    FCAConfig(keep=0.5, score="random", aggregate="similarity", clusters=2, seed=3, start_layer=1),
+]
+
+
+@pytest.mark.parametrize("fca", FCA_RULES, ids=lambda f: f"{f.score}-{f.aggregate}")
+def test_forward_fca_matches_reference(ops, params, fca):
+    from minifca.fca import sequence_keys
+    ids, mask, tt = batch(5)
+    keys = sequence_keys(ids, mask)
+    got = ops.bert_forward(params, CFG, ids, mask, tt, fca=fca, keys=keys, trace=True)
+    want = reference.bert_forward(params, CFG, ids, mask, tt, fca=fca, keys=keys, trace=True)
+    assert np.array_equal(got["mask"], want["mask"]) and got["mask"].shape[1] < ids.shape[1]
+    close(got["sizes"], want["sizes"])
+    close(got["last_hidden_state"], want["last_hidden_state"])
+    assert got["trace"] == want["trace"]                           # identical selections and weights
+    for g, w in zip(got["units"], want["units"]):
+        assert all(np.array_equal(g[k], w[k]) for k in w)
+
+
+def test_model_backend_cuda_uploads_once(tmp_path):
+    from conftest import write_random_checkpoint
+    import minifca
+    folder = write_random_checkpoint(tmp_path / "tiny", hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=12, vocab_size=60, max_position_embeddings=16)
+    model = minifca.from_pretrained(folder, backend="cuda")
+    ref = minifca.from_pretrained(folder)
+    assert kc.ops_for(model) is model.ops                           # built once, kept on the model
+    dev = model.ops.dev
+    ids = np.array([[2, 7, 9, 11, 4, 3, 0], [2, 5, 6, 3, 0, 0, 0]])
+    mask = (ids > 0).astype(np.int64)
+    for fca in (None, FCAConfig(keep=0.5)):
+        got, want = model.forward(ids, mask, fca=fca), ref.forward(ids, mask, fca=fca)
+        close(got.last_hidden_state, want.last_hidden_state)
+        close(got.logits, want.logits)
+        assert got.flops == want.flops
+    assert model.ops.dev is dev                                     # weights not uploaded again
+
+
+def _run(code, **env):
+    full = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    full.update(env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full,
+                          timeout=120)
+
+
+def test_no_gpu_gives_a_backend_error_naming_the_driver(tmp_path):
+    """Without a driver (forced by pointing Numba at a file that is none): a BackendError, not a crash."""
+    fake = tmp_path / "libcuda.so"
+    fake.write_bytes(b"not a driver")
+    r = _run("""
+        import minifca
+        try:
+            minifca.from_pretrained(minifca.default_model_path(), backend="cuda")
+        except minifca.BackendError as e:
+            print("BackendError:", e)
+        """, NUMBA_CUDA_DRIVER=str(fake))
+    assert r.returncode == 0, r.stderr
+    assert "BackendError: backend 'cuda' cannot run here" in r.stdout and "driver" in r.stdout.lower(), r.stdout
+
+
+def test_nothing_imports_cuda_at_import_time():
+    r = _run("""
+        import sys, minifca, minifca.model, minifca.cli, minifca.reference, minifca.fca
+        print(sorted(m for m in sys.modules if m.startswith(("numba.cuda", "numba_cuda"))))
+        """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
