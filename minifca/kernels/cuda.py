@@ -85,6 +85,7 @@ def kernels(sim: bool):
     BM, BN, BK, TM, TN = (8, 8, 4, 4, 4) if sim else (64, 64, 16, 4, 4)
     TX, TY = BN // TN, BM // TM                      # threads of a matmul block: TX x TY
     NT = TX * TY
+    BMP, BNP = BM + 1, BN + 1                        # shared tiles padded: no bank conflicts on the transposed store
     TPB = 4 if sim else 128                          # threads of a row-wise block (power of 2)
     MAXN, DMAX = 512, 256                            # longest sequence, largest head size
     INF = float32(np.inf)
@@ -144,8 +145,8 @@ def kernels(sim: bool):
         """C = act(A @ W.T + bias): A [M, K], W [N, K] (the checkpoint's [out, in]), C [M, N]."""
         M, K = A.shape
         N = W.shape[0]
-        As = cuda.shared.array((BK, BM + 1), float32)  # +1: no bank conflicts on the transposed store
-        Ws = cuda.shared.array((BK, BN + 1), float32)
+        As = cuda.shared.array((BK, BMP), float32)
+        Ws = cuda.shared.array((BK, BNP), float32)
         acc = cuda.local.array((TM, TN), float32)
         a = cuda.local.array(TM, float32)
         w = cuda.local.array(TN, float32)
