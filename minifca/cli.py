@@ -184,8 +184,8 @@ def picture(model, text, fca, max_length=None):
             "flops": out.flops, "flops_full": out.flops_full}
 
 
-PICTURE_LEGEND = ("word = a fine unit holding just that token;  cN = the token is in coarse unit N (made at this "
-                  "layer);  fN = the token is in fine unit N, a merged unit selected again as fine;  · = dropped")
+PICTURE_LEGEND = ("word = a fine unit holding just that token;  cN = the token is in coarse unit N;  "
+                  "fN = the token is in fine unit N, a merged unit selected again as fine;  · = dropped")
 
 
 def _cells(L, n_tokens):
@@ -220,7 +220,7 @@ def print_picture(pic, top=6):
     for L, marks, named in rows:
         counts = f"{L['units_in']:>3} -> {L['units']:<3} ({L['fine']} fine + {L['coarse']} coarse)"
         if not L["reduced"]:
-            counts = f"{L['units_in']:>3} (not reduced)"
+            counts = f"{L['units_in']:>3} (left alone: nothing to shrink)"
         print(f"{L['layer']:<12}" + " ".join(m.ljust(w) for m, w in zip(marks, width)) + "   " + counts)
         for label, u in named:
             key = (label, tuple(u["positions"]), tuple(u["weights"]))

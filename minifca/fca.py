@@ -162,8 +162,10 @@ class FCAConfig:
     keep: a ratio of each sequence's own valid length (one float for every layer from
     `start_layer`, or a list of floats, one per layer), or absolute counts (a list of ints,
     one per layer). k_l, the number of fine units at layer l, includes [CLS]:
-    k_l = ceil(ratio * valid_length), at least 1. A layer whose k_l is not below the units
-    entering it is left alone. Values must not increase from layer to layer.
+    k_l = ceil(ratio * valid_length), at least 1. A layer is left alone (not scored, nothing
+    moves) where k_l is not below the units entering it, or where the aggregation rule would
+    make every unit left over a coarse unit on its own (e.g. one unit left and one coarse unit),
+    since nothing would shrink. Values must not increase from layer to layer.
     """
     keep: float | list = 0.5
     score: str = "attention_received"
@@ -280,13 +282,17 @@ def reduce_sequence(cfg, layer, x, sizes, stats, keys, rng, n_tokens):
     """
     n = len(x)
     k = cfg.k(layer, n_tokens, n)
+    alone = np.arange(n), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
     if k >= n:
-        return np.arange(n), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+        return alone
     s = np.asarray(SCORES[cfg.score](stats, x, keys, rng), dtype=np.float64)  # [n]
     fine = select(s, k)                                              # [k]
     rest = np.setdiff1d(np.arange(n), fine)                          # [m] in sequence order
     groups, w = AGGREGATES[cfg.aggregate](s[rest], sizes[rest], keys[rest].astype(np.float64), cfg.clusters)
-    return fine, rest, np.asarray(groups, np.int64), np.asarray(w, np.float64)
+    groups = np.asarray(groups, np.int64)
+    if (groups >= 0).all() and len(np.unique(groups)) == len(rest):  # each unit left would be a coarse unit
+        return alone                                                 # on its own: nothing shrinks, layer left alone
+    return fine, rest, groups, np.asarray(w, np.float64)
 
 
 def merge(x, sizes, fine, rest, groups, w):
@@ -343,7 +349,8 @@ class FCAState:
                                                     keys[b, valid], rng, int(self.n_tokens[b]))
             new_x, new_sizes, W = merge(x[b, valid], sizes[b, valid], fine, rest, groups, w)
             outs.append((new_x, new_sizes))
-            n_in.append(len(valid)), n_fine.append(len(fine)), scored.append(len(rest) > 0)
+            n_in.append(len(valid)), scored.append(len(rest) > 0)
+            n_fine.append(len(fine) if len(rest) else self.n_fine[b])  # a layer left alone keeps the kinds
             n_merged.append(int((groups >= 0).sum()))                    # dropped units cost no aggregation
             if self.members is not None:
                 M, S = self.members[b], self.inside[b]

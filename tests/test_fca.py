@@ -333,7 +333,9 @@ def test_explain_picture(minilm_path, capsys):
     lines = out.splitlines()
     assert "after layer" in lines[1] and "[CLS]" in lines[1] and "gorgeous" in lines[1]
     rows = [l for l in lines if l[:1].isdigit()]
-    assert len(rows) == 6 and all("->" in r and "fine +" in r for r in rows)
+    assert len(rows) == 6 and all("fine +" in r or "left alone" in r for r in rows)
+    n = len(lines[1].split()) - 3                                                 # tokens in the header row
+    assert f"{n} -> {int(np.ceil(0.4 * n - 1e-9)) + 1} " in rows[0]
     assert "c1 (coarse" in out and " + " in out                                   # members with weights
     assert "FLOPs" in out and "Legend" in out
     assert main(["explain", "--model", str(minilm_path), text, "--fca-keep", "0.4", "--json"]) == 0
