@@ -1,0 +1,364 @@
+"""`minifca bench`: our backends beside torch and ONNX Runtime on the CPU, with and without FCA.
+
+One run measures, side by side:
+  - the machine's sgemm GFLOP/s (NumPy, 2048^3): the ceiling for any of these engines;
+  - minifca (numba, numpy backends), torch (transformers BertModel, fp32, inference_mode) and
+    ONNX Runtime (the same weights exported with torch.onnx, all graph optimisations), each in
+    its own fresh process (so thread pools never compete), with the same thread count, on
+    random-weight bert-base and MiniLM-L6 shapes; medians of `runs` timings after warm-up;
+  - FCA at the uniform keep that halves the FLOPs and at the one that thirds them: FLOPs ratio
+    and wall-clock speedup against our own full forward;
+  - peak RSS after loading + one forward (fresh process), against the checkpoint's size;
+  - time to first output of MiniLM-L6 (`minifca run`) in a fresh process with a warm cache.
+Progress goes to stderr; the table (or one JSON object with --json) to stdout.
+Random checkpoints are written once by transformers to weights/bench/ (git-ignored).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+MODELS = {"bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+          "minilm-l6": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)}
+QUICK_MODELS = {"tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                             vocab_size=1000, max_position_embeddings=64)}
+SHAPES = [(1, 128), (8, 128), (32, 64)]
+QUICK_SHAPES = [(1, 16), (4, 16)]
+FCA_TARGETS = {"half": 1 / 2, "third": 1 / 3}
+ENGINES = ("numba", "numpy", "torch", "onnxruntime")
+
+
+def log(msg):
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def median_ms(fn, runs, warmup=2):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)) * 1e3
+
+
+def sgemm_gflops(n=2048, runs=5):
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    return 2 * n ** 3 / median_ms(lambda: a @ a, runs, warmup=1) / 1e6
+
+
+def random_ids(B, L, vocab, seed=0):
+    return np.random.default_rng(seed).integers(1000 % vocab, vocab, (B, L))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def ensure_checkpoint(root: Path, name: str, shape: dict) -> Path:
+    """weights/bench/<name>: a random-weight BertModel written by transformers (once)."""
+    folder = root / name
+    if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+        return folder
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise InputError(f"{folder}: no benchmark checkpoint there, and writing one needs torch + transformers") from None
+    log(f"writing random checkpoint {folder}")
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(**shape)).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def export_onnx(folder: Path) -> Path:
+    """The checkpoint exported once with torch.onnx (dynamic batch and length)."""
+    path = folder / "model.onnx"
+    if path.is_file():
+        return path
+    import torch
+    import transformers
+    log(f"exporting {path}")
+    bert = transformers.BertModel.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+    class Encoder(torch.nn.Module):                                  # positional (ids, mask) -> hidden states
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    ids = torch.ones((2, 8), dtype=torch.long)
+    axes = {0: "batch", 1: "length"}
+    torch.onnx.export(Encoder().eval(), (ids, torch.ones_like(ids)), str(path), input_names=["input_ids", "attention_mask"],
+                      output_names=["last_hidden_state"], dynamic_axes={"input_ids": axes, "attention_mask": axes,
+                                                                        "last_hidden_state": axes},
+                      opset_version=17, dynamo=False)
+    return path
+
+
+# ---------------------------------------------------------------- one engine in its own process
+
+
+def _runner(engine, folder, threads):
+    """A function (B, L) -> callable that runs one forward of `engine` on random ids."""
+    vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
+    if engine in ("numba", "numpy"):
+        import minifca
+        model = minifca.from_pretrained(folder, backend=engine)
+
+        def make(B, L, fca=None):
+            ids = random_ids(B, L, vocab)
+            return lambda: model.forward(ids, fca=fca)
+        return make, model
+    if engine == "torch":
+        import torch
+        import transformers
+        torch.set_num_threads(threads)
+        model = transformers.BertModel.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+        def make(B, L, fca=None):
+            ids = torch.from_numpy(random_ids(B, L, vocab))
+            mask = torch.ones_like(ids)
+
+            def run():
+                with torch.inference_mode():
+                    return model(input_ids=ids, attention_mask=mask)
+            return run
+        return make, None
+    if engine == "onnxruntime":
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        sess = ort.InferenceSession(str(Path(folder) / "model.onnx"), so, providers=["CPUExecutionProvider"])
+
+        def make(B, L, fca=None):
+            ids = random_ids(B, L, vocab).astype(np.int64)
+            feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+            return lambda: sess.run(None, feed)
+        return make, None
+    raise InputError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+
+
+def fca_keep_for(model, L, target):
+    """The smallest uniform keep count k (keep = k / L) whose FLOPs ratio is still >= target."""
+    from .fca import FCAConfig
+    ids = random_ids(1, L, model.config.vocab_size)
+
+    def ratio(k):
+        out = model.forward(ids, fca=FCAConfig(keep=k / L))
+        return out.flops / out.flops_full
+    lo, hi = 1, L                                                    # ratio(L) = 1 >= target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ratio(mid) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo / L, ratio(lo)
+
+
+def worker(spec):
+    """Time one engine on one checkpoint at every shape (and FCA, for our backends)."""
+    make, model = _runner(spec["engine"], spec["folder"], spec["threads"])
+    res = {"shapes": {}}
+    for B, L in spec["shapes"]:
+        ms = median_ms(make(B, L), spec["runs"])
+        row = {"ms": ms}
+        if model is not None and spec.get("fca"):
+            from .fca import FCAConfig
+            for name, target in spec["fca"].items():
+                keep, fl = fca_keep_for(model, L, target)
+                row[f"fca_{name}"] = {"keep": keep, "flops_ratio": fl,
+                                      "ms": median_ms(make(B, L, FCAConfig(keep=keep)), spec["runs"])}
+        res["shapes"][f"{B}x{L}"] = row
+        log(f"  {spec['engine']:12s} {Path(spec['folder']).name} {B}x{L}: {ms:.1f} ms")
+    return res
+
+
+def peak_rss_bytes():
+    """This process's peak resident set (VmHWM; ru_maxrss would carry the parent's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_worker(spec):
+    import minifca
+    if spec["engine"] == "numba":
+        import minifca.kernels.cpu  # noqa: F401  (Numba itself is part of the import cost)
+    base = peak_rss_bytes()
+    model = minifca.from_pretrained(spec["folder"], backend=spec["engine"])
+    B, L = spec["shape"]
+    model.forward(random_ids(B, L, model.config.vocab_size))
+    return {"rss_after_imports": base, "peak_rss": peak_rss_bytes()}
+
+
+def subprocess_json(func, spec, threads):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+               NUMBA_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "minifca.bench", func, json.dumps(spec)]
+    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        return {"error": f"{spec.get('engine')} worker exited with {p.returncode}"}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def first_output_seconds(threads, model_path=None):
+    """Wall-clock of `minifca run <text>` (all-MiniLM-L6-v2, numba backend) in a fresh process, cache warm."""
+    cmd = [sys.executable, "-m", "minifca.cli", "run", "--backend", "numba", "A first sentence."]
+    if model_path:
+        cmd += ["--model", str(model_path)]
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+    subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=True)   # warms the Numba cache
+    ts = []
+    for _ in range(3):
+        t = time.perf_counter()
+        subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=True)
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+# ---------------------------------------------------------------- the whole benchmark
+
+
+def importable(name):
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
+def run_bench(backends=("numba", "numpy"), quick=False, runs=None, threads=None, root="weights/bench",
+              first_output_model=None):
+    from .config import BertConfig
+    from .flops import head_flops, model_flops
+    threads = threads or os.cpu_count()
+    runs = runs or (2 if quick else 5)
+    models, shapes = (QUICK_MODELS, QUICK_SHAPES) if quick else (MODELS, SHAPES)
+    engines = list(backends) + [e for e in ("torch", "onnxruntime") if importable(e)]
+    log(f"sgemm ({'512' if quick else '2048'}^3, NumPy)")
+    peak = sgemm_gflops(512 if quick else 2048, runs)
+    res = {"machine": {"cpu_count": os.cpu_count(), "threads": threads, "sgemm_gflops": peak,
+                       "numpy": np.__version__},
+           "runs": runs, "engines": engines, "models": {}}
+    for name, shape in models.items():
+        folder = ensure_checkpoint(Path(root), name, shape)
+        cfg = BertConfig.from_json(folder / "config.json")
+        size = (folder / "model.safetensors").stat().st_size
+        entry = {"checkpoint_bytes": size, "shapes": {}, "engines": {}}
+        for e in engines:
+            if e == "onnxruntime":
+                try:
+                    export_onnx(folder)
+                except Exception as err:  # an exporter failure is reported, not fatal
+                    entry["engines"][e] = {"error": f"onnx export failed: {type(err).__name__}: {err}"}
+                    continue
+            log(f"{name}: {e}")
+            spec = {"engine": e, "folder": str(folder), "shapes": shapes, "runs": runs, "threads": threads,
+                    "fca": FCA_TARGETS if e in ("numba", "numpy") else None}
+            entry["engines"][e] = subprocess_json("worker", spec, threads)
+        for B, L in shapes:
+            flops = int(model_flops(cfg, np.full(B, L), None, head_flops(cfg, True, False)).sum())
+            key, row = f"{B}x{L}", {"flops": flops}
+            times = {e: r["shapes"][key]["ms"] for e, r in entry["engines"].items() if "shapes" in r}
+            for e, ms in times.items():
+                r = {"ms": ms, "gflops": flops / ms / 1e6, "peak_fraction": flops / ms / 1e6 / peak}
+                for ref in ("torch", "onnxruntime"):
+                    if ref in times and ref != e:
+                        r[f"speedup_vs_{ref}"] = times[ref] / ms
+                for f in FCA_TARGETS:
+                    fr = entry["engines"][e]["shapes"][key].get(f"fca_{f}")
+                    if fr:
+                        r[f"fca_{f}"] = fr | {"speedup": ms / fr["ms"],
+                                              "efficiency": (ms / fr["ms"]) * fr["flops_ratio"]}
+                row[e] = r
+            entry["shapes"][key] = row
+        rss_shape = (1, min(128, cfg.max_position_embeddings))
+        for e in backends:
+            log(f"{name}: peak RSS ({e}, load + one {rss_shape[0]}x{rss_shape[1]} forward)")
+            r = subprocess_json("rss", {"engine": e, "folder": str(folder), "shape": rss_shape}, threads)
+            if "peak_rss" in r:
+                r["ratio_to_checkpoint"] = r["peak_rss"] / size
+                r["ratio_to_checkpoint_above_imports"] = (r["peak_rss"] - r["rss_after_imports"]) / size
+            entry.setdefault("rss", {})[e] = r
+        res["models"][name] = entry
+    log("time to first output (fresh process, warm cache)")
+    try:
+        res["first_output_seconds"] = first_output_seconds(threads, first_output_model)
+    except Exception as err:
+        res["first_output_seconds"] = None
+        res["first_output_error"] = f"{type(err).__name__}: {err}"
+    return res
+
+
+def print_report(res):
+    m = res["machine"]
+    print(f"machine: {m['cpu_count']} cores, {m['threads']} threads, sgemm {m['sgemm_gflops']:.1f} GFLOP/s; "
+          f"medians of {res['runs']} runs")
+    for name, entry in res["models"].items():
+        print(f"\n== {name} (checkpoint {entry['checkpoint_bytes'] / 2**20:.1f} MiB) ==")
+        print(f"{'shape':>7} {'engine':>12} {'ms':>9} {'GFLOP/s':>8} {'%peak':>6} {'vs torch':>8} {'vs ORT':>7}"
+              f"   FCA half: keep FLOPs speedup | FCA third: keep FLOPs speedup")
+        for key, row in entry["shapes"].items():
+            for e in res["engines"]:
+                r = row.get(e)
+                if r is None:
+                    continue
+                vt = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else "-"
+                vo = f"{r['speedup_vs_onnxruntime']:.2f}x" if "speedup_vs_onnxruntime" in r else "-"
+                fca = "".join(f"   {r[k]['keep']:.3f} {r[k]['flops_ratio']:.2f} {r[k]['speedup']:.2f}x"
+                              for k in ("fca_half", "fca_third") if k in r)
+                print(f"{key:>7} {e:>12} {r['ms']:9.1f} {r['gflops']:8.1f} {r['peak_fraction']:6.1%} {vt:>8} "
+                      f"{vo:>7}{fca}")
+        for e, r in entry.get("rss", {}).items():
+            if "peak_rss" in r:
+                print(f"peak RSS ({e}): {r['peak_rss'] / 2**20:.0f} MiB = {r['ratio_to_checkpoint']:.2f}x checkpoint "
+                      f"({r['rss_after_imports'] / 2**20:.0f} MiB after imports, before loading)")
+        for e, r in entry["engines"].items():
+            if "error" in r:
+                print(f"{e}: {r['error']}")
+    if res.get("first_output_seconds") is not None:
+        print(f"\ntime to first output (minifca run, all-MiniLM-L6-v2, fresh process, warm cache): "
+              f"{res['first_output_seconds']:.2f} s")
+
+
+def cmd_bench(args):
+    res = run_bench(backends=args.backends, quick=args.quick, runs=args.runs, threads=args.threads,
+                    root=args.weights, first_output_model=args.model)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print_report(res)
+
+
+def register(subparsers, parents):
+    p = subparsers.add_parser("bench", help="time our backends beside torch and ONNX Runtime (CPU), with FCA",
+                              description=__doc__.split("\n\n")[1] if "\n\n" in __doc__ else None,
+                              formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("--backend", dest="backends", nargs="+", default=["numba", "numpy"], choices=["numba", "numpy"],
+                   help="our backends to time (default: numba numpy)")
+    p.add_argument("--quick", action="store_true", help="a tiny random model at tiny shapes (a smoke test)")
+    p.add_argument("--runs", type=int, default=None, help="timed runs per case after warm-up (default 5; 2 with --quick)")
+    p.add_argument("--threads", type=int, default=None, help="threads for every engine (default: all cores)")
+    p.add_argument("--weights", default="weights/bench", help="where the random checkpoints go (default weights/bench)")
+    p.add_argument("--model", default=None, help="checkpoint for the time-to-first-output test (default all-MiniLM-L6-v2)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench)
+
+
+if __name__ == "__main__":
+    kind, spec = sys.argv[1], json.loads(sys.argv[2])
+    out = worker(spec) if kind == "worker" else rss_worker(spec)
+    print(json.dumps(out))
