@@ -2,6 +2,7 @@
 
     python scripts/bench_cuda.py [--model PATH] [--random-bert-base] [--sentences FILE]
                                  [--batch 32] [--length 128] [--keep 0.5] [--no-parity] [--json OUT]
+                                 [--tiles 64x64|128x128] [--matmul-only]
 
 Models: the checkpoint at --model (default: minifca.default_model_path(), all-MiniLM-L6-v2) and,
 with --random-bert-base, a random-weight bert-base (12 x 768, 12 heads, 3072) written by
@@ -22,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import minifca  # noqa: E402
 from minifca.fca import FCAConfig  # noqa: E402
-from minifca.kernels.cuda_bench import bench_cuda, format_rows, parity  # noqa: E402
+from minifca.kernels import cuda as cuda_mod  # noqa: E402
+from minifca.kernels.cuda_bench import bench_cuda, bench_matmul, format_rows, parity  # noqa: E402
 
 PARITY_RULES = [None, FCAConfig(keep=0.5), FCAConfig(keep=0.3, score="cls_attention", aggregate="drop"),
                 FCAConfig(keep=0.5, score="attention_entropy", aggregate="clusters", clusters=2),
@@ -58,6 +60,8 @@ def batches(model, sentences, batch, length, seed=0):
 
 def run(folder, name, args):
     model = minifca.from_pretrained(folder, backend="cuda")
+    if args.tiles != cuda_mod.DEFAULT_TILES:
+        model._cuda_ops = model.ops = cuda_mod.CudaOps(model.params, tiles=args.tiles)
     res = {"model": name, "parity": [], "bench": []}
     data = batches(model, args.sentences, args.batch, args.length)
     if args.parity:
@@ -87,7 +91,15 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--no-parity", dest="parity", action="store_false")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--tiles", default=cuda_mod.DEFAULT_TILES, choices=[t for t in cuda_mod.TILES if t != "sim"])
+    ap.add_argument("--matmul-only", action="store_true", help="time the matmul kernel per tile size, then stop")
     args = ap.parse_args(argv)
+    if args.matmul_only:
+        rows = [bench_matmul(M, K, N, t) for t in cuda_mod.TILES if t != "sim"
+                for M, K, N in ((4096, 768, 3072), (4096, 3072, 768), (1024, 384, 1152))]
+        for r in rows:
+            print(json.dumps(r), flush=True)
+        return rows
     results = [run(args.model or minifca.default_model_path(), "all-MiniLM-L6-v2", args)]
     if args.random_bert_base:
         with tempfile.TemporaryDirectory() as tmp:

@@ -76,13 +76,19 @@ def simulated() -> bool:
 # ---------------------------------------------------------------- the kernels
 
 
+# matmul tiles (BM, BN, BK, TM, TN): a block computes BM x BN outputs, BK deep per step, each
+# thread TM x TN of them
+TILES = {"64x64": (64, 64, 16, 4, 4), "128x128": (128, 128, 8, 8, 8), "sim": (8, 8, 4, 4, 4)}
+DEFAULT_TILES = "64x64"
+
+
 @lru_cache(maxsize=None)
-def kernels(sim: bool):
+def kernels(sim: bool, tiles: str = DEFAULT_TILES):
     """Compile-time tile sizes are closure constants: GPU-sized, or tiny under the simulator."""
     global cuda  # a module global: the simulator swaps it inside kernels for its fake module
     cuda = load_cuda()
     from numba import float32, float64
-    BM, BN, BK, TM, TN = (8, 8, 4, 4, 4) if sim else (64, 64, 16, 4, 4)
+    BM, BN, BK, TM, TN = TILES["sim" if sim else tiles]
     TX, TY = BN // TN, BM // TM                      # threads of a matmul block: TX x TY
     NT = TX * TY
     BMP, BNP = BM + 1, BN + 1                        # shared tiles padded: no bank conflicts on the transposed store
@@ -347,8 +353,8 @@ class CudaOps:
     """The reference's compute functions on the GPU (host arrays in, host arrays out), and a
     `bert_forward` that keeps the batch on the device. Build one per model with `ops_for`."""
 
-    def __init__(self, params=None):
-        self.k = kernels(simulated())
+    def __init__(self, params=None, tiles=DEFAULT_TILES):
+        self.k = kernels(simulated(), tiles)
         self.cuda = self.k.cuda
         self.params = params
         self.dev = upload_params(self.cuda, params) if params is not None else None
@@ -536,15 +542,14 @@ def reduce_plan(state, layer, cfg, mask, sizes, stats, x=None, keys=None):
         fine, rest, groups, w = fca_mod.reduce_sequence(cfg, layer, xb, sizes[b, valid], st, kb, rng,
                                                         int(state.n_tokens[b]))
         _, _, W = fca_mod.merge(none[b, valid], sizes[b, valid], fine, rest, groups, w)  # W [c, m]
-        units = [([b * n + valid[f]], [1.0]) for f in fine]              # fine units: copies
-        for g in range(W.shape[0]):                                      # coarse units: sum_j W[g, j] x[rest[j]]
-            members = np.flatnonzero(groups == g)
-            units.append((b * n + valid[rest[members]], W[g, members]))
-        for u, (rows, ws) in enumerate(units):
-            counts[b * n_out + u] = len(rows)
-            src.append(np.asarray(rows, np.int64)), wts.append(np.asarray(ws, np.float64))
+        kept = np.flatnonzero(groups >= 0)
+        kept = kept[np.argsort(groups[kept], kind="stable")]            # members of coarse unit 0, 1, ...
+        per_unit = np.concatenate([np.ones(len(fine), np.int64), np.bincount(groups[kept], minlength=W.shape[0])])
+        counts[b * n_out:b * n_out + len(per_unit)] = per_unit          # fine units: copies (weight 1)
+        src.append(b * n + valid[np.concatenate([fine, rest[kept]])])   # coarse: sum_j W[g, j] x[rest[j]]
+        wts.append(np.concatenate([np.ones(len(fine)), W[groups[kept], kept]]))
     row_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return row_ptr, np.concatenate(src), np.concatenate(wts), new_mask, new_sizes
+    return row_ptr, np.concatenate(src).astype(np.int64), np.concatenate(wts), new_mask, new_sizes
 
 
 def ops_for(model) -> CudaOps:

@@ -31,6 +31,17 @@ def _median_ms(fn, repeats, warmup, sync=lambda: None):
     return 1e3 * float(np.median(times))
 
 
+def bench_matmul(M, K, N, tiles, repeats=20) -> dict:
+    """TFLOP/s of the matmul_bias_act kernel (x [M, K] @ w[N, K].T + b) with the given tiles."""
+    from numba import cuda
+    from .cuda import CudaOps
+    ops = CudaOps(tiles=tiles)
+    rng = np.random.default_rng(0)
+    x, w, b = (cuda.to_device(rng.standard_normal(s).astype(np.float32)) for s in ((M, K), (N, K), (N,)))
+    ms = _median_ms(lambda: ops._linear(x, w, b), repeats, 3, cuda.synchronize)
+    return {"tiles": tiles, "shape": [M, K, N], "ms": ms, "tflops": 2 * M * K * N / ms / 1e9}
+
+
 def parity(model, ids, mask, fca: FCAConfig | None = None) -> dict:
     """Our CUDA forward vs reference.bert_forward on the same weights: max abs difference of the
     final valid units (and of every hidden state when fca is None), and whether FCA kept the same units."""
