@@ -217,7 +217,7 @@ def subprocess_json(func, spec, threads):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def first_output_seconds(threads, model_path=None):
+def first_output_seconds(threads, model_path=None, runs=3):
     """Wall-clock of `minifca run <text>` (all-MiniLM-L6-v2, numba backend) in a fresh process, cache warm."""
     cmd = [sys.executable, "-m", "minifca.cli", "run", "--backend", "numba", "A first sentence."]
     if model_path:
@@ -225,7 +225,7 @@ def first_output_seconds(threads, model_path=None):
     env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
     subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=True)   # warms the Numba cache
     ts = []
-    for _ in range(3):
+    for _ in range(runs):
         t = time.perf_counter()
         subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=True)
         ts.append(time.perf_counter() - t)
@@ -296,7 +296,7 @@ def run_bench(backends=("numba", "numpy"), quick=False, runs=None, threads=None,
         res["models"][name] = entry
     log("time to first output (fresh process, warm cache)")
     try:
-        res["first_output_seconds"] = first_output_seconds(threads, first_output_model)
+        res["first_output_seconds"] = first_output_seconds(threads, first_output_model, 1 if quick else 3)
     except Exception as err:
         res["first_output_seconds"] = None
         res["first_output_error"] = f"{type(err).__name__}: {err}"

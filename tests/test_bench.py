@@ -1,0 +1,61 @@
+"""`minifca bench --quick`: the whole benchmark on a tiny random model, checked for shape and sense."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from minifca import bench
+from minifca.cli import main
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory, sst2_path):
+    root = tmp_path_factory.mktemp("bench")
+    return bench.run_bench(backends=("numba",), quick=True, runs=1, threads=1, root=root,
+                           first_output_model=sst2_path), root
+
+
+def test_quick_bench_reports_every_engine_and_figure(quick_result):
+    res, root = quick_result
+    assert (root / "tiny" / "model.safetensors").is_file() and (root / "tiny" / "model.onnx").is_file()
+    assert res["machine"]["sgemm_gflops"] > 0 and res["machine"]["threads"] == 1
+    assert res["engines"] == ["numba", "torch", "onnxruntime"]
+    entry = res["models"]["tiny"]
+    assert set(entry["shapes"]) == {f"{B}x{L}" for B, L in bench.QUICK_SHAPES}
+    for row in entry["shapes"].values():
+        assert row["flops"] > 0
+        r = row["numba"]
+        assert r["ms"] > 0 and r["gflops"] > 0
+        assert r["speedup_vs_torch"] > 0 and r["speedup_vs_onnxruntime"] > 0
+        for name, target in bench.FCA_TARGETS.items():
+            f = r[f"fca_{name}"]
+            assert 0 < f["keep"] < 1 and target <= f["flops_ratio"] < 1 and f["speedup"] > 0
+        assert "ms" in row["torch"] and "ms" in row["onnxruntime"]
+    rss = entry["rss"]["numba"]
+    assert rss["peak_rss"] >= rss["rss_after_imports"] > 0
+    assert 0 < res["first_output_seconds"] < 60
+
+
+def test_bench_cli_json(tmp_path, capsys, monkeypatch):
+    calls = {}
+
+    def fake_run_bench(**kw):
+        calls.update(kw)
+        return {"machine": {}, "models": {}}
+    monkeypatch.setattr(bench, "run_bench", fake_run_bench)
+    assert main(["bench", "--quick", "--json", "--backend", "numpy", "--runs", "3", "--weights", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"machine": {}, "models": {}}
+    assert calls["backends"] == ["numpy"] and calls["quick"] and calls["runs"] == 3
+    assert calls["root"] == str(tmp_path)
+
+
+def test_fca_keep_search_meets_target(sst2_path):
+    import minifca
+    model = minifca.from_pretrained(sst2_path, backend="numba")
+    keep, ratio = bench.fca_keep_for(model, 32, 0.5)
+    assert ratio >= 0.5
+    k = round(keep * 32)
+    if k > 1:  # one fewer kept token falls under the target
+        out = model.forward(bench.random_ids(1, 32, model.config.vocab_size), fca=minifca.FCAConfig(keep=(k - 1) / 32))
+        assert out.flops / out.flops_full < 0.5
