@@ -113,6 +113,8 @@ def test_each_reduction_keeps_the_invariants(tiny, monkeypatch, score, aggregate
                 assert all(len(r) >= 1 for r in rows)                              # every unit an input unit
             else:
                 assert s2[b].sum() == n_tokens                                     # sizes: every input token
+                lo, hi = x[b, :n_in].min(0), x[b, :n_in].max(0)                    # averages stay in the hull
+                assert (x2[b, :n_out] >= lo - 1e-6).all() and (x2[b, :n_out] <= hi + 1e-6).all()
     for L in calls[-1][-1].trace:                                                  # trace: never padding
         for b, units in enumerate(L):
             assert units[0]["tokens"] == [0]
