@@ -521,35 +521,35 @@ def reduce_plan(state, layer, cfg, mask, sizes, stats, x=None, keys=None):
     """FCA's decisions for a batch, as a gather plan for the `merge` kernel.
 
     mask, sizes [B, n]; stats {name: [B, n]}; x, keys [B, n, H] or None when the rules do not read
-    them. `FCAState.reduce` itself decides and records the layer (units, trace), given empty
-    hidden states when the score does not read them; the plan repeats its per-sequence
-    `reduce_sequence` (same seeded rng, so the same decisions) to learn which rows to gather.
+    them. `FCAState.reduce` decides and records the layer (units, trace). When the score does not
+    read the hidden states it is handed the identity instead, and what it returns is the merge
+    matrix itself ([B, n', n]: row u holds the weights of the input units in output unit u);
+    otherwise the plan repeats each sequence's `reduce_sequence` (same seeded rng, same decisions).
     Returns row_ptr [B*n'+1], src [nnz] (rows of the [B*n, H] input), w [nnz] (float64), the new
     mask and sizes [B, n'].
     """
     B, n = mask.shape
     none = np.zeros((B, n, 0), np.float32)
-    _, new_mask, new_sizes = state.reduce(layer, cfg, none if x is None else x, mask, sizes, stats,
-                                          none if keys is None else keys)
-    n_out = new_mask.shape[1]
-    counts, src, wts = np.zeros(B * n_out, np.int64), [], []
-    for b in range(B):
-        valid = np.flatnonzero(mask[b] > 0)
-        rng = np.random.default_rng([cfg.seed, layer, int(state.keys[b]) & 0xFFFFFFFF])  # as FCAState.reduce
-        xb = (none if x is None else x)[b, valid]
-        kb = (none if keys is None else keys)[b, valid]
-        st = {name: v[b, valid] for name, v in stats.items()}
-        fine, rest, groups, w = fca_mod.reduce_sequence(cfg, layer, xb, sizes[b, valid], st, kb, rng,
-                                                        int(state.n_tokens[b]))
-        _, _, W = fca_mod.merge(none[b, valid], sizes[b, valid], fine, rest, groups, w)  # W [c, m]
-        kept = np.flatnonzero(groups >= 0)
-        kept = kept[np.argsort(groups[kept], kind="stable")]            # members of coarse unit 0, 1, ...
-        per_unit = np.concatenate([np.ones(len(fine), np.int64), np.bincount(groups[kept], minlength=W.shape[0])])
-        counts[b * n_out:b * n_out + len(per_unit)] = per_unit          # fine units: copies (weight 1)
-        src.append(b * n + valid[np.concatenate([fine, rest[kept]])])   # coarse: sum_j W[g, j] x[rest[j]]
-        wts.append(np.concatenate([np.ones(len(fine)), W[groups[kept], kept]]))
-    row_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return row_ptr, np.concatenate(src).astype(np.int64), np.concatenate(wts), new_mask, new_sizes
+    keys = none if keys is None else keys
+    if x is None:
+        eye = np.broadcast_to(np.eye(n), (B, n, n))                      # [B, n, n] float64: exact weights
+        M, new_mask, new_sizes = state.reduce(layer, cfg, eye, mask, sizes, stats, keys)  # M [B, n', n]
+    else:
+        _, new_mask, new_sizes = state.reduce(layer, cfg, x, mask, sizes, stats, keys)
+        M = np.zeros((B, new_mask.shape[1], n))
+        for b in range(B):
+            valid = np.flatnonzero(mask[b] > 0)
+            rng = np.random.default_rng([cfg.seed, layer, int(state.keys[b]) & 0xFFFFFFFF])  # as FCAState.reduce
+            st = {name: v[b, valid] for name, v in stats.items()}
+            fine, rest, groups, w = fca_mod.reduce_sequence(cfg, layer, x[b, valid], sizes[b, valid], st,
+                                                            keys[b, valid], rng, int(state.n_tokens[b]))
+            eye = np.eye(n)[valid]                                       # [n_valid, n]
+            M[b, :len(fine) + (groups.max() + 1 if (groups >= 0).any() else 0)] = \
+                fca_mod.merge(eye, sizes[b, valid], fine, rest, groups, w)[0]
+    rows, cols = np.nonzero(M.reshape(-1, n))                          # [nnz] output row, input unit
+    b = rows // M.shape[1]
+    row_ptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=B * M.shape[1]))]).astype(np.int64)
+    return row_ptr, (b * n + cols).astype(np.int64), M.reshape(-1, n)[rows, cols], new_mask, new_sizes
 
 
 def ops_for(model) -> CudaOps:
