@@ -335,6 +335,18 @@ def print_report(res):
 
 
 def cmd_bench(args):
+    if "cuda" in args.backends:                 # the GPU benchmark lives with the CUDA kernels
+        from .kernels import cuda_bench
+        res = cuda_bench.run_bench_cuda(QUICK_MODELS if args.quick else MODELS, QUICK_SHAPES if args.quick else SHAPES,
+                                        runs=args.runs or (2 if args.quick else 20), fca_targets=FCA_TARGETS,
+                                        root=args.weights)
+        if args.json:
+            print(json.dumps(res, indent=2))
+        else:
+            cuda_bench.print_bench_cuda(res)
+        args.backends = [b for b in args.backends if b != "cuda"]
+        if not args.backends:
+            return
     res = run_bench(backends=args.backends, quick=args.quick, runs=args.runs, threads=args.threads,
                     root=args.weights, first_output_model=args.model)
     if args.json:
@@ -347,8 +359,8 @@ def register(subparsers, parents):
     p = subparsers.add_parser("bench", help="time our backends beside torch and ONNX Runtime (CPU), with FCA",
                               description=__doc__.split("\n\n")[1] if "\n\n" in __doc__ else None,
                               formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("--backend", dest="backends", nargs="+", default=["numba", "numpy"], choices=["numba", "numpy"],
-                   help="our backends to time (default: numba numpy)")
+    p.add_argument("--backend", dest="backends", nargs="+", default=["numba", "numpy"], choices=["numba", "numpy", "cuda"],
+                   help="our backends to time (default: numba numpy); cuda = numba.cuda vs torch CUDA on a GPU")
     p.add_argument("--quick", action="store_true", help="a tiny random model at tiny shapes (a smoke test)")
     p.add_argument("--runs", type=int, default=None, help="timed runs per case after warm-up (default 5; 2 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="threads for every engine (default: all cores)")

@@ -2,12 +2,14 @@
 
     python scripts/bench_cuda.py [--model PATH] [--random-bert-base] [--sentences FILE]
                                  [--batch 32] [--length 128] [--keep 0.5] [--no-parity] [--json OUT]
-                                 [--tiles 64x64|128x128] [--matmul-only]
+                                 [--tiles NAME] [--matmul-only] [--profile]
 
 Models: the checkpoint at --model (default: minifca.default_model_path(), all-MiniLM-L6-v2) and,
 with --random-bert-base, a random-weight bert-base (12 x 768, 12 heads, 3072) written by
 transformers into a temporary folder. Batches: the first --batch lines of --sentences tokenized
-(padded to the longest), and --batch random token ids x --length, all valid.
+(padded to the longest), and --batch random token ids x --length, all valid. --profile adds the
+time per kernel of one full and one FCA forward; --matmul-only times the matmul per tile choice.
+The benchmark grid (bert-base and MiniLM shapes at several batch shapes) is `minifca bench --backend cuda`.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import minifca  # noqa: E402
 from minifca.fca import FCAConfig  # noqa: E402
 from minifca.kernels import cuda as cuda_mod  # noqa: E402
-from minifca.kernels.cuda_bench import bench_cuda, bench_matmul, format_rows, parity  # noqa: E402
+from minifca.kernels.cuda_bench import bench_cuda, bench_matmul, format_rows, kernel_profile, parity  # noqa: E402
 
 PARITY_RULES = [None, FCAConfig(keep=0.5), FCAConfig(keep=0.3, score="cls_attention", aggregate="drop"),
                 FCAConfig(keep=0.5, score="attention_entropy", aggregate="clusters", clusters=2),
@@ -73,7 +75,13 @@ def run(folder, name, args):
                 res["parity"].append(p)
                 print(name, json.dumps(p), flush=True)
     for label, (ids, mask) in data.items():
-        b = bench_cuda(model, ids, mask, FCAConfig(keep=args.keep), repeats=args.repeats)
+        if args.profile:
+            for fca in (None, FCAConfig(keep=args.keep)):
+                p = kernel_profile(model, ids, mask, fca)
+                p["data"] = label
+                res.setdefault("profile", []).append(p)
+                print(name, json.dumps(p), flush=True)
+        b = bench_cuda(model, ids, mask, {"": FCAConfig(keep=args.keep)}, repeats=args.repeats)
         b["data"] = label
         res["bench"].append(b)
         print(f"\n{name}, {label}\n{format_rows(b)}", flush=True)
@@ -91,12 +99,13 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--no-parity", dest="parity", action="store_false")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--tiles", default=cuda_mod.DEFAULT_TILES, choices=[t for t in cuda_mod.TILES if t != "sim"])
+    ap.add_argument("--tiles", default=cuda_mod.DEFAULT_TILES, choices=list(cuda_mod.TILES))
+    ap.add_argument("--profile", action="store_true", help="also the time per kernel of one full and one FCA forward")
     ap.add_argument("--matmul-only", action="store_true", help="time the matmul kernel per tile size, then stop")
     args = ap.parse_args(argv)
     if args.matmul_only:
-        rows = [bench_matmul(M, K, N, t) for t in cuda_mod.TILES if t != "sim"
-                for M, K, N in ((4096, 768, 3072), (4096, 3072, 768), (1024, 384, 1152))]
+        rows = [bench_matmul(M, K, N, t) for t in cuda_mod.TILES
+                for M, K, N in ((4096, 768, 3072), (4096, 3072, 768), (4096, 384, 1152), (128, 768, 768))]
         for r in rows:
             print(json.dumps(r), flush=True)
         return rows

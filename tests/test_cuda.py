@@ -81,12 +81,13 @@ def test_simulator_in_use():
     assert kc.simulated(), "NUMBA_ENABLE_CUDASIM was not honoured: numba.cuda was imported earlier"
 
 
+@pytest.mark.parametrize("tiles", ["64x64", "64x64c"])         # a thread's outputs strided / side by side
 @settings(max_examples=4)
 @given(M=st.integers(1, 19), K=st.integers(1, 21), N=st.integers(1, 13))
-def test_linear_tiles_any_shape(ops, M, K, N):
+def test_linear_tiles_any_shape(tiles, M, K, N):
     rng = np.random.default_rng(M * 1000 + K * 10 + N)
     x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((M, K), (N, K), (N,)))
-    close(ops.linear(x, w, b), reference.linear(x, w, b))
+    close(kc.CudaOps(tiles=tiles).linear(x, w, b), reference.linear(x, w, b))
 
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu", "silu"])
@@ -179,6 +180,21 @@ def test_model_backend_cuda_uploads_once(tmp_path):
     assert model.ops.dev is dev                                     # weights not uploaded again
 
 
+def test_kernel_profile_accounts_for_the_forward(tmp_path):
+    """cuda_bench.kernel_profile: every kernel of an FCA forward is timed, and the parts add up to the total."""
+    from conftest import write_random_checkpoint
+    import minifca
+    from minifca.kernels.cuda_bench import KERNEL_NAMES, kernel_profile
+    folder = write_random_checkpoint(tmp_path / "tiny", hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=12, vocab_size=60, max_position_embeddings=16)
+    model = minifca.from_pretrained(folder, backend="cuda")
+    ids = np.array([[2, 7, 9, 11, 4, 3], [2, 5, 6, 8, 3, 0]])
+    p = kernel_profile(model, ids, (ids > 0).astype(np.int64), FCAConfig(keep=0.5), repeats=1)
+    assert all(p["ms"][name] > 0 for name in KERNEL_NAMES + ("fca plan (host)",)), p
+    assert abs(sum(p["ms"].values()) - p["total_ms"]) < 1e-6 * p["total_ms"] + 1e-9
+    assert model.ops.k.matmul_bias_act is kc.kernels(True, kc.DEFAULT_TILES).matmul_bias_act  # restored
+
+
 def _run(code, **env):
     full = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     full.update(env)
@@ -199,6 +215,20 @@ def test_no_gpu_gives_a_backend_error_naming_the_driver(tmp_path):
         """, NUMBA_CUDA_DRIVER=str(fake))
     assert r.returncode == 0, r.stderr
     assert "BackendError: backend 'cuda' cannot run here" in r.stdout and "driver" in r.stdout.lower(), r.stdout
+
+
+def test_bench_cuda_without_gpu_is_a_clear_error(tmp_path):
+    """`minifca bench --backend cuda` on a machine with no driver: the BackendError, before any work."""
+    fake = tmp_path / "libcuda.so"
+    fake.write_bytes(b"not a driver")
+    r = _run("""
+        import sys
+        from minifca.cli import main
+        sys.exit(main(["bench", "--backend", "cuda", "--quick", "--weights", sys.argv[1]]))
+        """.replace("sys.argv[1]", repr(str(tmp_path / "w"))), NUMBA_CUDA_DRIVER=str(fake))
+    assert r.returncode != 0
+    assert "backend 'cuda' cannot run here" in r.stderr and "driver" in r.stderr.lower(), r.stderr
+    assert not (tmp_path / "w").exists()                             # no checkpoint written first
 
 
 def test_nothing_imports_cuda_at_import_time():

@@ -76,9 +76,13 @@ def simulated() -> bool:
 # ---------------------------------------------------------------- the kernels
 
 
-# matmul tiles (BM, BN, BK, TM, TN): a block computes BM x BN outputs, BK deep per step, each
-# thread TM x TN of them
-TILES = {"64x64": (64, 64, 16, 4, 4), "128x128": (128, 128, 8, 8, 8), "sim": (8, 8, 4, 4, 4)}
+# matmul tiles (BM, BN, BK, TM, TN, contiguous): a block computes BM x BN outputs, BK deep per
+# step, each thread TM x TN of them: rows ty + m*TY (strided) or ty*TM + m (contiguous, so a
+# thread's TM values sit side by side in shared memory and may load as one vector)
+TILES = {"64x64": (64, 64, 16, 4, 4, False), "128x128": (128, 128, 8, 8, 8, False),
+         "32x32c": (32, 32, 16, 2, 2, True), "64x64c": (64, 64, 16, 4, 4, True),
+         "128x64c": (128, 64, 16, 8, 4, True), "128x128c": (128, 128, 8, 8, 8, True)}
+SIM_TILES = (8, 8, 4, 4, 4)                          # under the simulator: tiny blocks, the layout kept
 DEFAULT_TILES = "64x64"
 
 
@@ -88,10 +92,13 @@ def kernels(sim: bool, tiles: str = DEFAULT_TILES):
     global cuda  # a module global: the simulator swaps it inside kernels for its fake module
     cuda = load_cuda()
     from numba import float32, float64
-    BM, BN, BK, TM, TN = TILES["sim" if sim else tiles]
+    BM, BN, BK, TM, TN, CONTIG = TILES[tiles]
+    if sim:
+        BM, BN, BK, TM, TN = SIM_TILES
     TX, TY = BN // TN, BM // TM                      # threads of a matmul block: TX x TY
     NT = TX * TY
-    BMP, BNP = BM + 1, BN + 1                        # shared tiles padded: no bank conflicts on the transposed store
+    PAD = 4 if CONTIG else 1                         # shared tiles padded: few bank conflicts on the transposed
+    BMP, BNP = BM + PAD, BN + PAD                    # store (and rows 16-byte aligned when contiguous)
     TPB = 4 if sim else 128                          # threads of a row-wise block (power of 2)
     MAXN, DMAX = 512, 256                            # longest sequence, largest head size
     INF = float32(np.inf)
@@ -172,17 +179,17 @@ def kernels(sim: bool, tiles: str = DEFAULT_TILES):
             cuda.syncthreads()
             for kk in range(BK):
                 for m in range(TM):
-                    a[m] = As[kk, ty + m * TY]
+                    a[m] = As[kk, ty * TM + m if CONTIG else ty + m * TY]
                 for n in range(TN):
-                    w[n] = Ws[kk, tx + n * TX]
+                    w[n] = Ws[kk, tx * TN + n if CONTIG else tx + n * TX]
                 for m in range(TM):
                     for n in range(TN):
                         acc[m, n] += a[m] * w[n]
             cuda.syncthreads()
         for m in range(TM):
-            r = row0 + ty + m * TY
+            r = row0 + (ty * TM + m if CONTIG else ty + m * TY)
             for n in range(TN):
-                c = col0 + tx + n * TX
+                c = col0 + (tx * TN + n if CONTIG else tx + n * TX)
                 if r < M and c < N:
                     C[r, c] = activate(acc[m, n] + bias[c], act)
 

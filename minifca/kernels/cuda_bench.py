@@ -2,7 +2,10 @@
 
     from minifca.kernels.cuda_bench import parity, bench_cuda
     parity(model, ids, mask, fca)      # max |cuda - numpy| of the final units, and equal FCA decisions
-    bench_cuda(folder, ids, mask, fca) # rows {impl, ms, sequences_per_s}: ours (full, FCA) vs torch fp32
+    bench_cuda(model, ids, mask, {"half": FCAConfig(keep=0.5)})  # rows {impl, ms, sequences_per_s}:
+                                       # ours (full, FCA) vs torch fp32, TF32 off and on
+    run_bench_cuda(models, shapes)     # `minifca bench --backend cuda`: random bert-base / MiniLM shapes
+    kernel_profile(model, ids, mask)   # ms per kernel, host FCA planning, the rest
 
 torch and transformers are imported here only (they time the comparison; the package never
 needs them). Times are medians of `repeats` forwards after `warmup` ones, each from host token
@@ -11,10 +14,12 @@ ids to host final hidden states, the device synchronised.
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
 from .. import reference
+from ..errors import BackendError
 from ..fca import FCAConfig, sequence_keys
 
 
@@ -32,14 +37,72 @@ def _median_ms(fn, repeats, warmup, sync=lambda: None):
 
 
 def bench_matmul(M, K, N, tiles, repeats=20) -> dict:
-    """TFLOP/s of the matmul_bias_act kernel (x [M, K] @ w[N, K].T + b) with the given tiles."""
+    """TFLOP/s of the matmul_bias_act kernel (x [M, K] @ w[N, K].T + b) with the given tiles, and
+    what the compiler made of it (registers and local memory per thread, FMAs in the PTX)."""
     from numba import cuda
     from .cuda import CudaOps
     ops = CudaOps(tiles=tiles)
     rng = np.random.default_rng(0)
     x, w, b = (cuda.to_device(rng.standard_normal(s).astype(np.float32)) for s in ((M, K), (N, K), (N,)))
     ms = _median_ms(lambda: ops._linear(x, w, b), repeats, 3, cuda.synchronize)
-    return {"tiles": tiles, "shape": [M, K, N], "ms": ms, "tflops": 2 * M * K * N / ms / 1e9}
+    out = {"tiles": tiles, "shape": [M, K, N], "ms": ms, "tflops": 2 * M * K * N / ms / 1e9}
+    kern = ops.k.matmul_bias_act
+    try:
+        sig = next(iter(kern.overloads))
+        ptx = kern.inspect_asm(sig)
+        out.update(regs=kern.get_regs_per_thread(sig), local_bytes=kern.get_local_mem_per_thread(sig),
+                   ptx_fma=ptx.count("fma.rn.f32"), ptx_ld_local=ptx.count("ld.local"))
+    except Exception as e:  # noqa: BLE001 - the introspection API differs between numba-cuda versions
+        out["introspection"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+KERNEL_NAMES = ("matmul_bias_act", "embed_gather", "add_ln", "attention", "stats", "merge")
+
+
+def kernel_profile(model, ids, mask, fca: FCAConfig | None = None, repeats=3) -> dict:
+    """Where one forward's time goes: ms per kernel (each launch synchronised, so launch gaps are
+    counted), host FCA planning (`reduce_plan`), and the rest (transfers, Python), per forward."""
+    from numba import cuda
+    from . import cuda as kc
+    ops = model.ops
+    spent = dict.fromkeys(KERNEL_NAMES + ("fca plan (host)",), 0.0)
+
+    def timed(name, fn):
+        def run(*args):
+            cuda.synchronize()
+            t = time.perf_counter()
+            r = fn(*args)
+            cuda.synchronize()
+            spent[name] += time.perf_counter() - t
+            return r
+        return run
+
+    class Launcher:                                       # kernel[grid, block](...) timed
+        def __init__(self, name, kern):
+            self.name, self.kern = name, kern
+
+        def __getitem__(self, cfg):
+            return timed(self.name, self.kern[cfg])
+
+    keys = sequence_keys(ids, mask) if fca is not None else None
+    tt = np.zeros_like(ids)
+    fwd = lambda: ops.bert_forward(model.params, model.config, ids, mask, tt, fca=fca, keys=keys)
+    fwd()
+    plain_k, plain_plan = ops.k, kc.reduce_plan
+    ops.k = SimpleNamespace(**{**vars(plain_k), **{n: Launcher(n, getattr(plain_k, n)) for n in KERNEL_NAMES}})
+    kc.reduce_plan = timed("fca plan (host)", plain_plan)
+    try:
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fwd()
+        cuda.synchronize()
+        total = (time.perf_counter() - t) / repeats
+    finally:
+        ops.k, kc.reduce_plan = plain_k, plain_plan
+    ms = {name: 1e3 * v / repeats for name, v in spent.items()}
+    ms["other (transfers, Python)"] = 1e3 * total - sum(ms.values())
+    return {"batch": list(ids.shape), "fca": None if fca is None else fca.keep, "total_ms": 1e3 * total, "ms": ms}
 
 
 def parity(model, ids, mask, fca: FCAConfig | None = None) -> dict:
@@ -59,11 +122,22 @@ def parity(model, ids, mask, fca: FCAConfig | None = None) -> dict:
     return out
 
 
-def bench_cuda(model, ids, mask, fca: FCAConfig | None = None, repeats=20, warmup=3, torch_impl="sdpa") -> dict:
-    """Median ms per forward of a [B, L] batch: minifca cuda (full, FCA) and transformers on torch
-    CUDA fp32 with TF32 off and on. model: a minifca Model built with backend="cuda"."""
+def torch_model(folder, torch_impl="sdpa"):
+    """transformers' BertModel on the GPU in fp32 (the comparison), or a BackendError when torch has no CUDA."""
     import torch
     import transformers
+    if not torch.cuda.is_available():
+        raise BackendError(f"the CUDA benchmark compares with torch on the GPU, but torch {torch.__version__} "
+                           "sees no CUDA device (a CPU-only build?)")
+    return transformers.BertModel.from_pretrained(str(folder), dtype=torch.float32, attn_implementation=torch_impl,
+                                                  add_pooling_layer=False).cuda().eval()
+
+
+def bench_cuda(model, ids, mask, fcas: dict | None = None, repeats=20, warmup=3, tm=None) -> dict:
+    """Median ms per forward of a [B, L] batch: minifca cuda (full, and each FCAConfig of `fcas`,
+    {label: cfg}) and transformers on torch CUDA fp32 with TF32 off and on. model: a minifca
+    Model built with backend="cuda"; tm: torch_model(model.path), loaded here when None."""
+    import torch
     from numba import cuda
 
     tt = np.zeros_like(ids)
@@ -74,12 +148,14 @@ def bench_cuda(model, ids, mask, fca: FCAConfig | None = None, repeats=20, warmu
         keys = sequence_keys(ids, mask) if f is not None else None
         return lambda: model.ops.bert_forward(model.params, model.config, ids, mask, tt, fca=f, keys=keys)
 
-    rows.append({"impl": "minifca cuda, full", "ms": _median_ms(ours(None), repeats, warmup, cuda.synchronize)})
-    if fca is not None:
-        rows.append({"impl": f"minifca cuda, FCA keep={fca.keep}",
-                     "ms": _median_ms(ours(fca), repeats, warmup, cuda.synchronize)})
-    tm = transformers.BertModel.from_pretrained(str(model.path), dtype=torch.float32,
-                                                attn_implementation=torch_impl, add_pooling_layer=False).cuda().eval()
+    full = _median_ms(ours(None), repeats, warmup, cuda.synchronize)
+    rows.append({"impl": "minifca cuda, full", "ms": full})
+    for label, f in (fcas or {}).items():
+        ms = _median_ms(ours(f), repeats, warmup, cuda.synchronize)
+        out = model.forward(ids, mask, fca=f)
+        rows.append({"impl": f"minifca cuda, FCA {label} (keep={f.keep:.3f})", "ms": ms,
+                     "flops_ratio": float(np.sum(out.flops) / np.sum(out.flops_full)), "speedup_vs_full": full / ms})
+    tm = torch_model(model.path) if tm is None else tm
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     for tf32 in (False, True):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
@@ -89,19 +165,61 @@ def bench_cuda(model, ids, mask, fca: FCAConfig | None = None, repeats=20, warmu
                 i = torch.from_numpy(ids).cuda()
                 m = torch.from_numpy(mask).cuda()
                 return tm(input_ids=i, attention_mask=m).last_hidden_state.cpu()
-        rows.append({"impl": f"torch {torch.__version__} fp32 ({torch_impl}), TF32 {'on' if tf32 else 'off'}",
+        rows.append({"impl": f"torch {torch.__version__} fp32 ({tm.config._attn_implementation}), "
+                             f"TF32 {'on' if tf32 else 'off'}",
                      "ms": _median_ms(theirs, repeats, warmup, torch.cuda.synchronize)})
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
     for r in rows:
         r["sequences_per_s"] = B / r["ms"] * 1e3
-    return {"device": cuda.get_current_device().name.decode() if isinstance(cuda.get_current_device().name, bytes)
-            else str(cuda.get_current_device().name), "batch": list(ids.shape),
-            "valid_tokens": int(mask.sum()), "rows": rows}
+    return {"device": device_name(), "batch": list(ids.shape), "valid_tokens": int(mask.sum()), "rows": rows}
+
+
+def device_name() -> str:
+    from numba import cuda
+    name = cuda.get_current_device().name
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def run_bench_cuda(models: dict, shapes, runs=20, fca_targets=None, root="weights/bench") -> dict:
+    """`minifca bench --backend cuda`: for each {name: BertConfig fields} model (a random-weight
+    checkpoint, bench.ensure_checkpoint) and (B, L) shape, bench_cuda on random ids, with FCA at
+    the uniform keep whose FLOPs ratio is closest above each target (bench.fca_keep_for)."""
+    from pathlib import Path
+    import minifca
+    from .. import bench
+    from .cuda import load_cuda, simulated
+    load_cuda()                                                          # no GPU: the BackendError, first
+    if simulated():
+        raise BackendError("the CUDA benchmark needs a real GPU; unset NUMBA_ENABLE_CUDASIM")
+    res = {"device": device_name(), "runs": runs, "models": {}}
+    for name, shape in models.items():
+        folder = bench.ensure_checkpoint(Path(root), name, shape)
+        model = minifca.from_pretrained(folder, backend="cuda")
+        tm = torch_model(folder)
+        res["models"][name] = []
+        for B, L in shapes:
+            bench.log(f"cuda {name} {B}x{L}")
+            fcas = {t: FCAConfig(keep=bench.fca_keep_for(model, L, target)[0])
+                    for t, target in (fca_targets or {}).items()}
+            ids = bench.random_ids(B, L, model.config.vocab_size)
+            res["models"][name].append(bench_cuda(model, ids, np.ones_like(ids), fcas, repeats=runs, tm=tm))
+    return res
+
+
+def print_bench_cuda(res):
+    print(f"device: {res['device']}; medians of {res['runs']} forwards (host ids -> host hidden states)")
+    for name, results in res["models"].items():
+        print(f"\n== {name} (random weights) ==")
+        for r in results:
+            print(format_rows(r))
 
 
 def format_rows(result) -> str:
     lines = [f"device: {result['device']}; batch {result['batch'][0]} x {result['batch'][1]} "
              f"({result['valid_tokens']} valid tokens)", "| implementation | ms / batch | sequences / s |",
              "| --- | ---: | ---: |"]
-    lines += [f"| {r['impl']} | {r['ms']:.2f} | {r['sequences_per_s']:.0f} |" for r in result["rows"]]
+    lines[1:] = ["| implementation | ms / batch | sequences / s | FLOPs ratio | speedup vs our full |",
+                 "| --- | ---: | ---: | ---: | ---: |"]
+    extra = lambda r: (f"{r['flops_ratio']:.2f} | {r['speedup_vs_full']:.2f}x" if "flops_ratio" in r else " | ")
+    lines += [f"| {r['impl']} | {r['ms']:.2f} | {r['sequences_per_s']:.0f} | {extra(r)} |" for r in result["rows"]]
     return "\n".join(lines)
