@@ -205,3 +205,117 @@ def test_bert_forward_defaults_to_numba_ops(random_models):
     r = C.bert_forward(model.params, model.config, ids, np.ones_like(ids), np.zeros_like(ids))
     ref = ref_model.forward(ids)
     assert maxdiff(r["last_hidden_state"], ref.last_hidden_state) <= TOL
+
+
+# ---------------------------------------------------------------- more parity cases: shapes, activations, real checkpoints
+
+CHECKPOINTS = {  # name: BertConfig fields of a random classifier checkpoint
+    "bert-base-like": dict(hidden_size=768, num_hidden_layers=2, num_attention_heads=12, intermediate_size=3072,
+                           initializer_range=0.06),  # larger weights: float32 noise in 768-wide sums passes 1e-5
+    "gelu_new-1head": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=1, intermediate_size=64,
+                           hidden_act="gelu_new"),
+    "relu-odd-heads": dict(hidden_size=36, num_hidden_layers=3, num_attention_heads=3, intermediate_size=50,
+                           hidden_act="relu", type_vocab_size=3),
+    "silu-tiny-ln-eps": dict(hidden_size=24, num_hidden_layers=1, num_attention_heads=6, intermediate_size=24,
+                             hidden_act="silu", layer_norm_eps=1e-5),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CHECKPOINTS))
+def shaped_models(request, tmp_path_factory):
+    shape = dict(vocab_size=200, max_position_embeddings=48, initializer_range=0.2, num_labels=2) | CHECKPOINTS[request.param]
+    folder = write_random_checkpoint(tmp_path_factory.mktemp("shapes") / request.param, seed=11, **shape)
+    return minifca.from_pretrained(folder, backend="numpy"), minifca.from_pretrained(folder, backend="numba")
+
+
+def test_backends_agree_on_checkpoint_shapes(shaped_models):
+    """Hidden states of every layer and logits; padding (ragged lengths) and every token type the config allows."""
+    ref_model, model = shaped_models
+    rng = np.random.default_rng(0)
+    B, L = 3, 33
+    ids, mask = rng.integers(0, 200, (B, L)), random_mask(rng, B, L)
+    mask[0] = 1                                                      # one full row, others padded
+    tt = rng.integers(0, model.config.type_vocab_size, (B, L))
+    kw = dict(attention_mask=mask, token_type_ids=tt, output_hidden_states=True)
+    ref, got = ref_model.forward(ids, **kw), model.forward(ids, **kw)
+    compare(ref, got)
+    for a, b in zip(ref.hidden_states, got.hidden_states):
+        assert maxdiff(a, b) <= TOL
+    fca = FCAConfig(keep=0.5)
+    ref, got = ref_model.forward(ids, mask, tt, fca=fca, trace=True), model.forward(ids, mask, tt, fca=fca, trace=True)
+    compare(ref, got)
+    same_trace(ref.trace, got.trace)
+
+
+def test_backends_agree_on_minilm(minilm_path):
+    """all-MiniLM-L6-v2 (BertModel, no head): hidden states, mean-pooled embeddings, FCA traces."""
+    ref_model, model = minifca.from_pretrained(minilm_path, backend="numpy"), minifca.from_pretrained(minilm_path)
+    enc = model.tokenize(read_sst2(SST2_DEV, limit=6)[0])
+    ref, got = ref_model(enc, output_hidden_states=True), model(enc, output_hidden_states=True)
+    valid = enc.attention_mask > 0                                   # padding positions carry no meaning
+    for a, b in zip(ref.hidden_states, got.hidden_states):
+        assert maxdiff(a[valid], b[valid]) <= TOL
+    assert maxdiff(model.embed(read_sst2(SST2_DEV, limit=6)[0]), ref_model.embed(read_sst2(SST2_DEV, limit=6)[0])) <= TOL
+    fca = FCAConfig(keep=[1.0, 0.8, 0.6, 0.5, 0.4, 0.3], aggregate="clusters", clusters=2)
+    ref, got = ref_model(enc, fca=fca, trace=True), model(enc, fca=fca, trace=True)
+    np.testing.assert_array_equal(got.mask, ref.mask)
+    assert maxdiff(got.last_hidden_state[got.mask > 0], ref.last_hidden_state[ref.mask > 0]) <= TOL
+    np.testing.assert_array_equal(got.sizes, ref.sizes)
+    same_trace(ref.trace, got.trace)
+
+
+# ---------------------------------------------------------------- every FCA rule x schedule, drawn by hypothesis
+
+SCHEDULES = {  # 3 layers
+    "uniform": lambda r: r,
+    "linear-decay": lambda r: [1.0, (1 + r) / 2, r],
+    "counts": lambda r: [max(1, round(20 * r)), max(1, round(14 * r)), max(1, round(8 * r))],
+    "late-start": lambda r: r,
+}
+fca_configs = st.builds(
+    lambda score, agg, clusters, sched, ratio, prop, seed: FCAConfig(
+        keep=SCHEDULES[sched](ratio), score=score, aggregate=agg,
+        clusters=clusters if agg in ("clusters", "similarity") else 1, proportional_attention=prop,
+        start_layer=1 if sched == "late-start" else 0, seed=seed),
+    st.sampled_from(sorted(minifca.fca.SCORES)), st.sampled_from(sorted(minifca.fca.AGGREGATES)),
+    st.integers(1, 3), st.sampled_from(sorted(SCHEDULES)), st.floats(0.1, 0.9), st.booleans(), st.integers(0, 9))
+
+
+@given(fca_configs, st.integers(1, 4), st.integers(2, 30), st.integers(0, 2**31 - 1))
+def test_backends_agree_under_any_fca(random_models, fca, B, L, seed):
+    """Same logits, hidden states, units, sizes, FLOPs and trace for any score x aggregate x schedule, any masks."""
+    ref_model, model = random_models
+    rng = np.random.default_rng(seed)
+    ids, mask, tt = rng.integers(0, 120, (B, L)), random_mask(rng, B, L), rng.integers(0, 2, (B, L))
+    ref = ref_model.forward(ids, mask, tt, fca=fca, trace=True)
+    got = model.forward(ids, mask, tt, fca=fca, trace=True)
+    compare(ref, got)
+    same_trace(ref.trace, got.trace)
+    assert [u["n_out"].tolist() for u in got.units] == [u["n_out"].tolist() for u in ref.units]
+
+
+@pytest.mark.parametrize("score", sorted(minifca.fca.SCORES))
+@pytest.mark.parametrize("aggregate", sorted(minifca.fca.AGGREGATES))
+def test_every_score_and_aggregate_pair(random_models, score, aggregate):
+    """The full grid once, on a padded batch (hypothesis above samples it; this makes sure no pair is missed)."""
+    ref_model, model = random_models
+    rng = np.random.default_rng(3)
+    ids, mask = rng.integers(0, 120, (3, 21)), random_mask(rng, 3, 21)
+    mask[0] = 1
+    fca = FCAConfig(keep=0.4, score=score, aggregate=aggregate, clusters=2 if aggregate in ("clusters", "similarity") else 1)
+    ref, got = ref_model.forward(ids, mask, fca=fca, trace=True), model.forward(ids, mask, fca=fca, trace=True)
+    compare(ref, got)
+    same_trace(ref.trace, got.trace)
+
+
+def test_numba_is_deterministic_on_random_batches(random_models):
+    """Bit-identical run to run, with FCA and probabilities, on a padded random batch."""
+    _, model = random_models
+    rng = np.random.default_rng(5)
+    ids, mask = rng.integers(0, 120, (4, 30)), random_mask(rng, 4, 30)
+    fca = FCAConfig(keep=0.5, aggregate="clusters", clusters=2, proportional_attention=True)
+    runs = [model.forward(ids, mask, fca=fca, output_attentions=True, output_hidden_states=True) for _ in range(3)]
+    for r in runs[1:]:
+        assert r.logits.tobytes() == runs[0].logits.tobytes()
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(r.hidden_states, runs[0].hidden_states))
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(r.attentions, runs[0].attentions))
