@@ -60,7 +60,7 @@ def _resolve(name_or_path) -> Path:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         raise CheckpointError(f"{s}: not a local directory, and the hub could not provide it"
                               f"{' (HF_HUB_OFFLINE is set and it is not in the cache)' if offline else ''}: "
-                              f"{type(e).__name__}: {e}") from None
+                              f"{type(e).__name__}: {' '.join(str(e).split())}") from None  # one line
     return Path(local)
 
 
