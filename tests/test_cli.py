@@ -1,0 +1,157 @@
+"""The command line: run (classifier and encoder checkpoints), demo, --json, --help, and errors as one line."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import minifca
+from minifca import cli
+
+POS, NEG = "a wonderful, moving and beautifully acted film .", "a dull , tedious and badly written mess ."
+
+
+def run_cli(capsys, *argv):
+    """minifca.cli.main(argv) in-process; returns (exit code, stdout, stderr)."""
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys, *argv):
+    code, out, err = run_cli(capsys, *argv, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def subcommands():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return sorted(sub.choices)
+
+
+# ---------------------------------------------------------------- run
+
+
+def test_run_classifier_json(capsys, sst2_path):
+    res = run_json(capsys, "run", "--model", sst2_path, POS, NEG)
+    assert [p["text"] for p in res["predictions"]] == [POS, NEG]
+    for p in res["predictions"]:
+        assert set(p) == {"text", "label", "probabilities"}
+        assert abs(sum(p["probabilities"].values()) - 1) < 1e-9
+        assert p["label"] == max(p["probabilities"], key=p["probabilities"].get)
+    assert [p["label"] for p in res["predictions"]] == ["LABEL_1", "LABEL_0"]       # SST-2: 1 = positive
+    assert res["flops"] == res["flops_full"] > 0 and res["fca"] is None
+    probs = minifca.from_pretrained(sst2_path).classify([POS, NEG])
+    for p, (_, q) in zip(res["predictions"], probs):
+        np.testing.assert_allclose(list(p["probabilities"].values()), q, atol=1e-6)
+
+
+def test_run_classifier_text(capsys, sst2_path):
+    code, out, err = run_cli(capsys, "run", "--model", sst2_path, "--backend", "numpy", POS, NEG)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "LABEL_1" in lines[0] and POS in lines[0] and "LABEL_0" in lines[1] and NEG in lines[1]
+    assert "FLOPs" in lines[-1]
+
+
+def test_run_encoder_json(capsys, minilm_path):
+    texts = ["A man is playing a guitar.", "Someone plays the guitar.", "The stock market fell today."]
+    res = run_json(capsys, "run", "--model", minilm_path, *texts)
+    assert "predictions" not in res
+    emb = minifca.from_pretrained(minilm_path).embed(texts)
+    np.testing.assert_allclose([e["norm"] for e in res["embeddings"]], np.linalg.norm(emb, axis=1), rtol=1e-5)
+    sim = np.array(res["similarity"])
+    assert sim.shape == (3, 3)
+    np.testing.assert_allclose(np.diag(sim), 1, atol=1e-5)
+    np.testing.assert_allclose(sim, sim.T)
+    assert sim[0, 1] > sim[0, 2] + 0.3                                  # paraphrases are closer
+
+
+def test_run_encoder_text_and_default_model(capsys):
+    code, out, err = run_cli(capsys, "run", "one sentence .", "another sentence .")   # the embedded default
+    assert code == 0, err
+    assert "norm" in out and "cosine similarity" in out
+
+
+def test_run_reads_stdin(capsys, monkeypatch, sst2_path):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{POS}\n\n{NEG}\n"))
+    res = run_json(capsys, "run", "--model", sst2_path)
+    assert [p["text"] for p in res["predictions"]] == [POS, NEG]
+
+
+def test_run_with_fca_costs_fewer_flops(capsys, sst2_path):
+    res = run_json(capsys, "run", "--model", sst2_path, "--fca-keep", "0.5", POS + " " + NEG)
+    assert res["fca"]["keep"] == 0.5 and res["flops"] < res["flops_full"]
+
+
+def test_run_too_long_unless_max_length(capsys, minilm_path):
+    long = "word " * 600
+    code, out, err = run_cli(capsys, "run", "--model", minilm_path, long)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("minifca: error:") and "truncat" in err
+    res = run_json(capsys, "run", "--model", minilm_path, "--max-length", "32", long)
+    assert len(res["embeddings"]) == 1
+
+
+# ---------------------------------------------------------------- demo
+
+
+def test_demo_json(capsys):
+    res = run_json(capsys, "demo", "--backend", "numpy")
+    for key in ("model", "backend", "fca", "full", "fca_run", "flops_ratio", "time_ratio", "picture"):
+        assert key in res, key
+    assert res["model"] == str(minifca.default_model_path())
+    assert len(res["full"]["embeddings"]) == len(cli.DEMO_SENTENCES)
+    assert 0 < res["flops_ratio"] < 1 and res["fca"]["keep"] == cli.DEMO_FCA_KEEP
+    assert res["picture"]["text"] == cli.DEMO_SENTENCES[0] and res["picture"]["layers"]
+
+
+# ---------------------------------------------------------------- help and errors
+
+
+@pytest.mark.parametrize("command", [None, *subcommands()])
+def test_help_of_every_subcommand(capsys, command):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"] if command else ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: minifca") and (command or "COMMAND") in out
+
+
+def test_subcommands_include_run_and_demo():
+    assert {"run", "demo", "explain"} <= set(subcommands())
+
+
+def test_no_command_prints_help(capsys):
+    code, out, _ = run_cli(capsys)
+    assert code == 2 and "usage: minifca" in out
+
+
+def test_bad_model_path_in_process(capsys, tmp_path):
+    missing = tmp_path / "nowhere"
+    code, out, err = run_cli(capsys, "run", "--model", missing, "text")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("minifca: error:") and str(missing) in err
+
+
+def test_bad_model_path_console_script(tmp_path):
+    """The installed `minifca` command: non-zero exit, one line on stderr, no traceback."""
+    exe = Path(sys.executable).with_name("minifca")
+    assert exe.is_file(), f"console script missing at {exe} (pip install -e .)"
+    missing = tmp_path / "nowhere"
+    r = subprocess.run([str(exe), "run", "--model", str(missing), "text"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and r.stdout == ""
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and str(missing) in r.stderr
+
+
+def test_bad_flag_value_is_an_error_line(capsys, sst2_path):
+    code, _, err = run_cli(capsys, "run", "--model", sst2_path, "--fca-keep", "lots", "text")
+    assert code == 2 and err.startswith("minifca: error:") and "--fca-keep" in err
