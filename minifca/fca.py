@@ -287,7 +287,7 @@ def reduce_sequence(cfg, layer, x, sizes, stats, keys, rng, n_tokens):
         return alone
     s = np.asarray(SCORES[cfg.score](stats, x, keys, rng), dtype=np.float64)  # [n]
     fine = select(s, k)                                              # [k]
-    rest = np.setdiff1d(np.arange(n), fine)                          # [m] in sequence order
+    rest = np.delete(np.arange(n), fine)                             # [m] in sequence order
     groups, w = AGGREGATES[cfg.aggregate](s[rest], sizes[rest], keys[rest].astype(np.float64), cfg.clusters)
     groups = np.asarray(groups, np.int64)
     if (groups >= 0).all() and len(np.unique(groups)) == len(rest):  # each unit left would be a coarse unit

@@ -48,9 +48,9 @@ def bench_matmul(M, K, N, tiles, repeats=20) -> dict:
     out = {"tiles": tiles, "shape": [M, K, N], "ms": ms, "tflops": 2 * M * K * N / ms / 1e9}
     kern = ops.k.matmul_bias_act
     try:
-        sig = next(iter(kern.overloads))
-        ptx = kern.inspect_asm(sig)
-        out.update(regs=kern.get_regs_per_thread(sig), local_bytes=kern.get_local_mem_per_thread(sig),
+        one = lambda d: next(iter(d.values())) if isinstance(d, dict) else d  # {signature: value}
+        ptx = one(kern.inspect_asm())
+        out.update(regs=one(kern.get_regs_per_thread()), local_bytes=one(kern.get_local_mem_per_thread()),
                    ptx_fma=ptx.count("fma.rn.f32"), ptx_ld_local=ptx.count("ld.local"))
     except Exception as e:  # noqa: BLE001 - the introspection API differs between numba-cuda versions
         out["introspection"] = f"{type(e).__name__}: {e}"
@@ -176,6 +176,9 @@ def bench_cuda(model, ids, mask, fcas: dict | None = None, repeats=20, warmup=3,
 
 def device_name() -> str:
     from numba import cuda
+    from .cuda import simulated
+    if simulated():
+        return "Numba CUDA simulator"
     name = cuda.get_current_device().name
     return name.decode() if isinstance(name, bytes) else str(name)
 
