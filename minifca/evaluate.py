@@ -446,13 +446,14 @@ def cmd_ablate(args):
 # ---------------------------------------------------------------- calibrate
 
 
-def calibrate(model, data, target, base=None, step=0.1, floor=0.01, batch_size=64, refine=1, log=print):
+def calibrate(model, data, target, base=None, step=0.2, floor=0.01, batch_size=64, refine=1, log=print):
     """Per-layer keep ratios maximising agreement with the full model on `data` with FLOPs <= target x full.
 
     Greedy descent from keeping everything: each step lowers one layer's ratio by `step` (later layers
     follow, ratios never increase) and takes the move that loses least (disagreement + mean KL to the full
     model's probabilities) per FLOP saved, until the budget is met. Then `refine` sweeps of coordinate moves
-    (raise one layer, lower another, or just raise one) keep any that stays in budget and agrees more.
+    at half the step (raise one layer, lower another, or just raise one) keep any that stays in budget and
+    agrees more (ties: lower KL).
     base: an FCAConfig giving the rules (score, aggregate, clusters, ...); its keep is ignored.
     """
     from .fca import FCAConfig
@@ -500,15 +501,16 @@ def calibrate(model, data, target, base=None, step=0.1, floor=0.01, batch_size=6
         raise ConfigError(f"calibrate: even keep {cur['keep']} costs {cur['flops_ratio']:.3f} of the full model, "
                           f"above the target {target}")
     better = lambda m, c: (m["agreement"], -m["kl"]) > (c["agreement"], -c["kl"])  # noqa: E731
+    fine = step / 2
     for sweep in range(refine):
         improved = False
         for up in range(layers):
             for down in [None] + list(range(layers)):
                 if down == up:
                     continue
-                keep = raise_(cur["keep"], up, step)
+                keep = raise_(cur["keep"], up, fine)
                 if down is not None:
-                    keep = lower(keep, down, step)
+                    keep = lower(keep, down, fine)
                 if keep == cur["keep"]:
                     continue
                 m = score(keep)
@@ -614,7 +616,8 @@ def register(subparsers, parents):
     p.add_argument("--samples", type=int, default=512, help="training examples in the calibration sample (default 512)")
     p.add_argument("--min-words", type=int, default=0, help="sample only examples with at least this many words")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample")
-    p.add_argument("--step", type=float, default=0.1, help="keep-ratio step of the search (default 0.1)")
+    p.add_argument("--step", type=float, default=0.2,
+                   help="keep-ratio step of the descent (default 0.2; the refinement uses half of it)")
     p.add_argument("--floor", type=float, default=0.01,
                    help="smallest keep ratio tried (default 0.01: [CLS] alone on sentences under 100 tokens)")
     p.add_argument("--refine", type=int, default=1, help="coordinate-move sweeps after the descent (default 1)")
