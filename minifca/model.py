@@ -79,15 +79,15 @@ class Model:
         return self.tokenizer(texts, pairs, max_length=max_length, truncation=truncation)
 
     def _check_ids(self, ids, mask, tt):
-        ids = np.asarray(ids)
+        ids = _array("input_ids", ids)
         if ids.ndim == 1:
             ids = ids[None]
         if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
             raise InputError(f"input_ids must be a non-empty [batch, length] array, got shape {ids.shape}")
         if not np.issubdtype(ids.dtype, np.integer):
             raise InputError(f"input_ids must be integers, got {ids.dtype}")
-        mask = np.ones_like(ids) if mask is None else np.asarray(mask).reshape(ids.shape)
-        tt = np.zeros_like(ids) if tt is None else np.asarray(tt).reshape(ids.shape)
+        mask = np.ones_like(ids) if mask is None else _array("attention_mask", mask, ids.shape)
+        tt = np.zeros_like(ids) if tt is None else _array("token_type_ids", tt, ids.shape)
         cfg = self.config
         if ids.shape[1] > cfg.max_position_embeddings:
             raise InputError(f"input length {ids.shape[1]} exceeds max_position_embeddings "
@@ -173,6 +173,20 @@ class Model:
             probs = reference.softmax(logits.astype(np.float64))
             res += [(self.config.id2label[int(p.argmax())], p) for p in probs]
         return res
+
+
+def _array(name, x, shape=None):
+    """np.asarray(x) (reshaped to `shape`), with an InputError naming the argument instead of NumPy's."""
+    try:
+        a = np.asarray(x)
+    except ValueError:
+        raise InputError(f"{name} must be a rectangular [batch, length] array (rows of equal length; "
+                         f"pad them and give an attention_mask)") from None
+    if shape is not None:
+        if a.size != int(np.prod(shape)):
+            raise InputError(f"{name} has shape {a.shape}, input_ids has {tuple(shape)}")
+        a = a.reshape(shape)
+    return a
 
 
 def _backend_ops(backend, model):

@@ -334,6 +334,16 @@ def test_token_ids_outside_vocabulary(tiny_model, bad):
     raised(InputError, tiny_model.forward, ids, match=[str(bad), "[0, 2]", "vocabulary", "[0, 50)"])
 
 
+def test_ragged_ids(tiny_model):
+    raised(InputError, tiny_model.forward, [[1, 2, 3], [4]], match=["input_ids", "rectangular"])
+
+
+@pytest.mark.parametrize("field", ["attention_mask", "token_type_ids"])
+def test_mask_or_token_types_of_another_shape(tiny_model, field):
+    kw = {field: [[1, 0]]}
+    raised(InputError, tiny_model.forward, [[1, 2, 3]], match=[field, "(1, 2)", "(1, 3)"], **kw)
+
+
 def test_float_ids(tiny_model):
     raised(InputError, tiny_model.forward, np.array([[1.0, 2.5]]), match="integers")
 
