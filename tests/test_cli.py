@@ -85,6 +85,12 @@ def test_run_reads_stdin(capsys, monkeypatch, sst2_path):
     assert [p["text"] for p in res["predictions"]] == [POS, NEG]
 
 
+def test_run_with_empty_stdin_is_an_error_line(capsys, monkeypatch, sst2_path):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
+    code, out, err = run_cli(capsys, "run", "--model", sst2_path)
+    assert code == 2 and out == "" and err.count("\n") == 1 and "empty" in err
+
+
 def test_run_with_fca_costs_fewer_flops(capsys, sst2_path):
     res = run_json(capsys, "run", "--model", sst2_path, "--fca-keep", "0.5", POS + " " + NEG)
     assert res["fca"]["keep"] == 0.5 and res["flops"] < res["flops_full"]
@@ -110,6 +116,12 @@ def test_demo_json(capsys):
     assert len(res["full"]["embeddings"]) == len(cli.DEMO_SENTENCES)
     assert 0 < res["flops_ratio"] < 1 and res["fca"]["keep"] == cli.DEMO_FCA_KEEP
     assert res["picture"]["text"] == cli.DEMO_SENTENCES[0] and res["picture"]["layers"]
+
+
+def test_demo_on_a_classifier(capsys, sst2_path):
+    code, out, err = run_cli(capsys, "demo", "--model", sst2_path, "--backend", "numpy", POS, NEG)
+    assert code == 0, err
+    assert "predictions, full model vs FCA" in out and "FLOPs" in out and POS in out
 
 
 # ---------------------------------------------------------------- help and errors
