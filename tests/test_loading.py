@@ -201,6 +201,22 @@ def test_hub_id_from_local_cache_offline(offline_cache, minilm_path):
     np.testing.assert_array_equal(model.embed(texts), local.embed(texts))
 
 
+def test_hub_id_through_environment_only(tmp_path, minilm_path):
+    """A user's set-up: only HF_HUB_CACHE and HF_HUB_OFFLINE=1 in the environment of the `minifca` command."""
+    import os
+    import subprocess
+    import sys
+    cache = tmp_path / "hub"
+    fake_hub_cache(cache, "org/minilm", minilm_path, ["config.json", "model.safetensors", "tokenizer.json"])
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    exe = Path(sys.executable).with_name("minifca")
+    r = subprocess.run([str(exe), "run", "--model", "org/minilm", "--backend", "numpy", "--json", "a", "b"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert str(cache) in res["model"] and len(res["embeddings"]) == 2
+
+
 def test_hub_id_missing_from_cache_offline(offline_cache):
     with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE") as e:
         minifca.from_pretrained("nobody/not-cached-model", backend="numpy")
