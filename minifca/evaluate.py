@@ -446,15 +446,18 @@ def cmd_ablate(args):
 # ---------------------------------------------------------------- calibrate
 
 
-def calibrate(model, data, target, base=None, step=0.2, floor=0.01, batch_size=64, refine=1, log=print):
+def calibrate(model, data, target, base=None, step=0.2, floor=0.01, batch_size=64, refine=1, rules=(), start=None,
+              log=print):
     """Per-layer keep ratios maximising agreement with the full model on `data` with FLOPs <= target x full.
 
-    Greedy descent from keeping everything: each step lowers one layer's ratio by `step` (later layers
+    Greedy descent from keeping everything (or from `start`): each step lowers one layer's ratio by `step` (later layers
     follow, ratios never increase) and takes the move that loses least (disagreement + mean KL to the full
     model's probabilities) per FLOP saved, until the budget is met. Then `refine` sweeps of coordinate moves
     at half the step (raise one layer, lower another, or just raise one) keep any that stays in budget and
     agrees more (ties: lower KL).
     base: an FCAConfig giving the rules (score, aggregate, clusters, ...); its keep is ignored.
+    rules: other rules to try ({field: value} overrides of base, see `parse_rule`) at the keep the descent
+    found, before the refinement; the one agreeing most within the budget is kept.
     """
     from .fca import FCAConfig
     from .reference import softmax
@@ -465,16 +468,19 @@ def calibrate(model, data, target, base=None, step=0.2, floor=0.01, batch_size=6
     full_pred = p_full.argmax(1)
     seen = {}
 
-    def score(keep):
-        keep = tuple(round(v, 4) for v in keep)
-        if keep not in seen:
-            fca = FCAConfig(**{**base, "keep": list(keep)})
+    rule = {}
+
+    def score(keep, rule_=None):
+        rule_ = rule if rule_ is None else rule_
+        key = (tuple(round(v, 4) for v in keep), json.dumps(rule_, sort_keys=True))
+        if key not in seen:
+            fca = FCAConfig(**{**base, **rule_, "keep": list(key[0])})
             run = predict(model, data, fca, batches, None)
             p = softmax(run["logits"])
             kl = float(np.mean(np.sum(p_full * (np.log(p_full + 1e-12) - np.log(p + 1e-12)), 1)))
-            seen[keep] = {"keep": list(keep), "agreement": float(np.mean(p.argmax(1) == full_pred)), "kl": kl,
-                          "flops_ratio": run["flops"] / run["flops_full"]}
-        return seen[keep]
+            seen[key] = {"keep": list(key[0]), "rule": rule_, "agreement": float(np.mean(p.argmax(1) == full_pred)),
+                         "kl": kl, "flops_ratio": run["flops"] / run["flops_full"]}
+        return seen[key]
 
     def lower(keep, layer, by):
         new = list(keep)
@@ -487,7 +493,7 @@ def calibrate(model, data, target, base=None, step=0.2, floor=0.01, batch_size=6
         return [max(v, new[layer]) if j < layer else v for j, v in enumerate(new)]
 
     loss = lambda r: (1 - r["agreement"]) + r["kl"]  # noqa: E731
-    cur = score([1.0] * layers)
+    cur = score(list(start) if start is not None else [1.0] * layers)
     while cur["flops_ratio"] > target:
         moves = [score(lower(cur["keep"], layer, step)) for layer in range(layers) if cur["keep"][layer] > floor]
         moves = [m for m in moves if m["flops_ratio"] < cur["flops_ratio"]]
@@ -501,6 +507,11 @@ def calibrate(model, data, target, base=None, step=0.2, floor=0.01, batch_size=6
         raise ConfigError(f"calibrate: even keep {cur['keep']} costs {cur['flops_ratio']:.3f} of the full model, "
                           f"above the target {target}")
     better = lambda m, c: (m["agreement"], -m["kl"]) > (c["agreement"], -c["kl"])  # noqa: E731
+    for r in rules:
+        m = score(cur["keep"], r)
+        log(f"rule {r}: FLOPs {m['flops_ratio']:.3f}  agreement {m['agreement']:.4f}  KL {m['kl']:.4f}")
+        if m["flops_ratio"] <= target and better(m, cur):
+            cur, rule = m, r
     fine = step / 2
     for sweep in range(refine):
         improved = False
@@ -520,8 +531,18 @@ def calibrate(model, data, target, base=None, step=0.2, floor=0.01, batch_size=6
                         f"agreement {cur['agreement']:.4f}  KL {cur['kl']:.4f}")
         if not improved:
             break
-    cfg = FCAConfig(**{**base, "keep": cur["keep"]})
+    cfg = FCAConfig(**{**base, **rule, "keep": cur["keep"]})
     return cfg, {**cur, "evaluations": len(seen)}
+
+
+def parse_rule(spec: str) -> dict:
+    """'score+aggregate[-clusters][+prop]' (e.g. cls_attention+similarity-2+prop) -> FCAConfig overrides."""
+    parts = spec.split("+")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "prop"):
+        raise ConfigError(f"rule {spec!r}: write score+aggregate[-clusters][+prop], e.g. attention_received+weighted")
+    agg, _, c = parts[1].partition("-")
+    return {"score": parts[0], "aggregate": agg, "clusters": int(c) if c else 1,
+            "proportional_attention": len(parts) == 3}
 
 
 DEV_NAMES = ("dev", "validation", "test")
@@ -539,17 +560,29 @@ def cmd_calibrate(args):
     idx = [i for i, t in enumerate(data.texts) if len(t.split()) >= args.min_words]
     if not idx:
         raise InputError(f"{data.source}: no example has >= {args.min_words} words (--min-words)")
-    idx = sorted(rng.choice(idx, size=min(args.samples, len(idx)), replace=False).tolist())
+    idx = rng.choice(idx, size=min(args.samples, len(idx)), replace=False).tolist()  # random order
     sample = data.subset(idx)
     model = load_model(args)
     base = fca_from_args(args, model.config.num_hidden_layers) or FCAConfig()
     t = time.perf_counter()
+    rules = [parse_rule(r) for r in args.rules or ()]
+    for r in rules:
+        FCAConfig(**{**base.to_dict(), **r})                         # a bad rule fails before the search
+    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    start = None
+    if 0 < args.descent_samples < len(sample):                      # a cheap descent first, then all of the sample
+        log(f"descent on the first {args.descent_samples} examples of the sample")
+        first, _ = calibrate(model, sample.subset(range(args.descent_samples)), args.target_flops, base, args.step,
+                             args.floor, args.batch_size, refine=0, log=log)
+        start = first.keep
+        log(f"continuing on all {len(sample)} examples from keep {start}")
     cfg, best = calibrate(model, sample, args.target_flops, base, args.step, args.floor, args.batch_size,
-                          args.refine, log=lambda s: print(s, file=sys.stderr))
+                          args.refine, rules, start, log=log)
     d = cfg.to_dict()
     d["meta"] = {"made_by": "minifca calibrate", "model": str(model.path), "data": data.source,
                  "samples": len(sample), "min_words": args.min_words, "seed": args.seed,
                  "target_flops": args.target_flops, "step": args.step,
+                 "descent_samples": args.descent_samples,
                  "sample_flops_ratio": round(best["flops_ratio"], 4), "sample_agreement": round(best["agreement"], 4),
                  "sample_kl": round(best["kl"], 5), "evaluations": best["evaluations"],
                  "seconds": round(time.perf_counter() - t, 1)}
@@ -616,10 +649,16 @@ def register(subparsers, parents):
     p.add_argument("--samples", type=int, default=512, help="training examples in the calibration sample (default 512)")
     p.add_argument("--min-words", type=int, default=0, help="sample only examples with at least this many words")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    p.add_argument("--descent-samples", type=int, default=128,
+                   help="run the greedy descent on this many examples of the sample first (faster), then go on with "
+                        "all of them (default 128; 0 = all from the start)")
     p.add_argument("--step", type=float, default=0.2,
                    help="keep-ratio step of the descent (default 0.2; the refinement uses half of it)")
     p.add_argument("--floor", type=float, default=0.01,
                    help="smallest keep ratio tried (default 0.01: [CLS] alone on sentences under 100 tokens)")
     p.add_argument("--refine", type=int, default=1, help="coordinate-move sweeps after the descent (default 1)")
+    p.add_argument("--rules", nargs="*", default=None, metavar="SCORE+AGG[-C][+prop]",
+                   help="other rules to try at the schedule found (e.g. cls_attention+similarity-2+prop); the best "
+                        "within the budget is refined and saved")
     p.add_argument("--out", required=True, metavar="FILE.json", help="the schedule file to write")
     p.set_defaults(func=cmd_calibrate)

@@ -265,7 +265,8 @@ def test_calibrate_reads_only_its_data_and_meets_the_budget(sst2_tsv, tmp_path, 
     monkeypatch.setattr(builtins, "open", spy)
     out = tmp_path / "schedule.json"
     assert main(["calibrate", "--model", str(SST2_MODEL), "--backend", "numpy", "--data", str(sst2_tsv),
-                 "--samples", "6", "--target-flops", "0.6", "--step", "0.5", "--refine", "0", "--out", str(out)]) == 0
+                 "--samples", "6", "--descent-samples", "3", "--target-flops", "0.6", "--step", "0.5", "--refine", "0",
+                 "--out", str(out)]) == 0
     monkeypatch.setattr(builtins, "open", real_open)
     data_files = {f for f in opened if f.endswith((".tsv", ".parquet"))}
     assert data_files == {str(sst2_tsv)} and str(dev) not in opened
@@ -291,10 +292,22 @@ def test_calibrate_refuses_a_dev_file(tmp_path, capsys):
 
 def test_calibrate_search_keeps_agreement_under_budget(sst2_model, sst2_tsv):
     data = ev.load_data(sst2_tsv)
-    cfg, best = ev.calibrate(sst2_model, data.subset(range(4)), 0.7, step=0.5, refine=1, log=lambda s: None)
+    drop = ev.parse_rule("random+drop")
+    cfg, best = ev.calibrate(sst2_model, data.subset(range(4)), 0.7, step=0.5, refine=1, rules=[drop],
+                             log=lambda s: None)
     assert best["flops_ratio"] <= 0.7 and cfg.keep == best["keep"]
+    assert (cfg.score, cfg.aggregate) == (("random", "drop") if best["rule"] == drop else ("attention_received",
+                                                                                         "weighted"))
     data = data.subset(range(4))
     run = ev.predict(sst2_model, data, cfg, ev.make_batches(sst2_model, data))
     assert run["flops"] / run["flops_full"] == pytest.approx(best["flops_ratio"])
     with pytest.raises(ConfigError, match="above the target"):
         ev.calibrate(sst2_model, data, 0.01, step=0.5, floor=0.5, log=lambda s: None)
+
+
+def test_parse_rule():
+    assert ev.parse_rule("cls_attention+similarity-2+prop") == {"score": "cls_attention", "aggregate": "similarity",
+                                                               "clusters": 2, "proportional_attention": True}
+    assert ev.parse_rule("random+drop")["clusters"] == 1
+    with pytest.raises(ConfigError, match="write score\\+aggregate"):
+        ev.parse_rule("random")
