@@ -228,13 +228,17 @@ print("prediction:", cfg.id2label[int(prob.argmax())])
 # ## The same, in one call
 #
 # `reference.bert_forward` is the loop above (plus the FCA hook, off here), and
-# `minifca.from_pretrained(...)` wraps loading, tokenizing, the forward and the heads.
-# Both give the logits we computed by hand, to the last bit.
+# `minifca.from_pretrained(...)` wraps loading, tokenizing, the forward and the heads. With
+# `backend="numpy"` its forward *is* `reference.bert_forward`, so both give the logits we computed by
+# hand, to the last bit. The default backend, `"numba"`, runs compiled kernels that mirror these
+# functions (`minifca/kernels/cpu.py`); they add in a different order, so they agree to rounding only.
 
 # %%
 r = reference.bert_forward(params, cfg, ids, mask, tt)
 print("bert_forward == by hand:", np.array_equal(r["last_hidden_state"], x_l))
-model = minifca.from_pretrained(SST2_MODEL)
+model = minifca.from_pretrained(SST2_MODEL, backend="numpy")
 out = model(model.tokenize([sentence]))
 print("Model logits:", out.logits[0], "| equal:", np.array_equal(out.logits, logits))
 print(model.classify([sentence, "a dull , lifeless film ."]))
+fast = minifca.from_pretrained(SST2_MODEL)                          # backend="numba"
+print(f"numba backend: max |logits - ours| = {np.abs(fast(model.tokenize([sentence])).logits - logits).max():.1e}")

@@ -22,7 +22,7 @@ from minifca import fca, reference
 from _setup import FAST, SST2_MODEL, read_sst2
 
 np.set_printoptions(precision=3, suppress=True, linewidth=110)
-model = minifca.from_pretrained(SST2_MODEL)          # backend "numpy": the reference
+model = minifca.from_pretrained(SST2_MODEL, backend="numpy")   # the reference (default: "numba")
 cfg = model.config
 sentence = "we know the plot 's a little crazy , but it held my interest from start to finish ."
 enc = model.tokenize([sentence])

@@ -30,7 +30,7 @@ from minifca.cli import picture, print_picture
 from _setup import SST2_MODEL
 
 np.set_printoptions(precision=3, suppress=True, linewidth=110)
-model = minifca.from_pretrained(SST2_MODEL)
+model = minifca.from_pretrained(SST2_MODEL, backend="numpy")   # the reference (default: "numba")
 cfg = model.config
 sentence = "we know the plot 's a little crazy , but it held my interest from start to finish ."
 enc = model.tokenize([sentence])
@@ -94,26 +94,11 @@ print("reduce_sequence gives the same split:", all(np.array_equal(u, v) for u, v
 # FCA layer and records, per layer, every unit's members (input tokens) and their weights.
 # A coarse unit made at layer 0 is a unit like any other at layer 1: it is scored again and may
 # stay (a merged unit kept among the fine ones), or be folded into the next coarse unit.
-# `show` prints the trace layer by layer: a word is a token that is a unit on its own, `⟨…⟩` a merged
-# unit that was kept, `{…}` the coarse unit made at this layer with its members' weights.
-# (`minifca explain "…"` on the command line, i.e. `minifca.cli.picture` / `print_picture`, draws a similar picture.)
+# `minifca.cli.picture` collects the trace into a per-layer table and `print_picture` draws it
+# (this is what `minifca explain "…"` prints): one column per input token, one row per layer.
 
 # %%
-def show(trace, tokens):
-    for layer, per_seq in enumerate(trace):
-        words = []
-        for u in per_seq[0]:
-            names = [tokens[t] for t in u["tokens"]]
-            if u["kind"] == "coarse":
-                words.append("{" + ", ".join(f"{n} {w:.2f}" for n, w in zip(names, u["weights"])) + "}")
-            else:
-                words.append(names[0] if len(names) == 1 else "⟨" + " ".join(names) + "⟩")
-        print(f"layer {layer} ({len(per_seq[0]):2d} units): " + " ".join(words))
-
-
-out = model(enc, fca=schedule, trace=True)
-show(out.trace, tokens)
-print(f"FLOPs: {out.flops / 1e6:.1f} M of {out.flops_full / 1e6:.1f} M ({out.flops / out.flops_full:.1%})")
+print_picture(picture(model, sentence, schedule))
 
 # %% [markdown]
 # The raw trace of the last layer, with each member's weight inside its unit. Weights multiply
@@ -121,6 +106,7 @@ print(f"FLOPs: {out.flops / 1e6:.1f} M of {out.flops_full / 1e6:.1f} M ({out.flo
 # in a later coarse unit, counts for 0.075 of that later unit.
 
 # %%
+out = model(enc, fca=schedule, trace=True)
 for u in out.trace[-1][0]:
     members = ", ".join(f"{tokens[t]} {wt:.3f}" for t, wt in zip(u["tokens"], u["weights"]))
     print(f"{u['kind']:6s} size {len(u['tokens']):2d}: {members}")
@@ -131,7 +117,7 @@ print("sizes:", out.sizes[0], "| they add up to the", n_tokens, "input tokens:",
 #
 # PoWER-BERT's rule selects the same way but throws the rest away. Layer 0 keeps the same fine
 # units; later selections can differ, because under FCA the coarse unit takes part in attention and
-# is scored too. Here with `minifca.cli.picture` and `print_picture` (`_` = dropped):
+# is scored too. In the picture `·` marks a dropped token:
 
 # %%
 dropping = fca.FCAConfig(keep=schedule.keep, aggregate="drop")

@@ -132,6 +132,11 @@ def main(argv=None) -> int:
     ap.add_argument("--fast", action="store_true", help="small samples (sets MINIFCA_TUTORIAL_FAST=1)")
     ap.add_argument("--out", default=str(HERE), help="where the .md and figures/ go (default: tutorials/)")
     args = ap.parse_args(argv)
+    # One BLAS thread and one Numba thread unless asked otherwise (set before numpy/numba are first imported,
+    # in run()): on a small shared machine threads on these small matrices mostly wait (5x slower here under
+    # load), and one thread each makes the backends' times in tutorial 4 comparable.
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
     for path in pick(args.names):
         t = time.perf_counter()
         try:
