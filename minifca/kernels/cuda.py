@@ -83,7 +83,7 @@ TILES = {"64x64": (64, 64, 16, 4, 4, False), "128x128": (128, 128, 8, 8, 8, Fals
          "32x32c": (32, 32, 16, 2, 2, True), "64x64c": (64, 64, 16, 4, 4, True),
          "128x64c": (128, 64, 16, 8, 4, True), "128x128c": (128, 128, 8, 8, 8, True)}
 SIM_TILES = (8, 8, 4, 4, 4)                          # under the simulator: tiny blocks, the layout kept
-DEFAULT_TILES = "64x64c"                             # the fastest on an H100 at BERT shapes (docs/bench_cuda.md)
+DEFAULT_TILES = "64x64c"  # on an H100 as fast as 64x64 within noise, with fewer registers (docs/bench_cuda.md)
 
 
 @lru_cache(maxsize=None)
