@@ -319,3 +319,14 @@ def test_numba_is_deterministic_on_random_batches(random_models):
         assert r.logits.tobytes() == runs[0].logits.tobytes()
         assert all(a.tobytes() == b.tobytes() for a, b in zip(r.hidden_states, runs[0].hidden_states))
         assert all(a.tobytes() == b.tobytes() for a, b in zip(r.attentions, runs[0].attentions))
+
+
+def test_vectorised_exp_and_erf_are_float32_accurate():
+    """The libm-free exp (and the erf built on it) that the softmax and GELU loops use."""
+    x = np.concatenate([np.linspace(-87, 88, 200001), [-1e30, R.NEG, -200.0, -87.5, 0.0]]).astype(np.float32)
+    got, ref = C._exp_array(x), np.exp(x.astype(np.float64))
+    big = ref > 1e-37
+    assert (np.abs(got[big] - ref[big]) / ref[big]).max() < 2e-7
+    assert (got[x < -87] == 0).all() and got[x == 0][0] == 1.0
+    z = np.linspace(-6, 6, 20001).astype(np.float32)
+    assert np.abs(C._erf_array(z) - R.erf(z)).max() < 2e-7
