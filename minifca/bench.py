@@ -9,7 +9,8 @@ One run measures, side by side:
   - FCA at the uniform keep that halves the FLOPs and at the one that thirds them: FLOPs ratio
     and wall-clock speedup against our own full forward;
   - peak RSS after loading + one forward (fresh process), against the checkpoint's size;
-  - time to first output of MiniLM-L6 (`minifca run`) in a fresh process with a warm cache.
+  - time to first output of MiniLM-L6 (`minifca run`) in a fresh process with a warm cache;
+  - with --profile, where the numba forward's time goes (ms per op, full and FCA half).
 Progress goes to stderr; the table (or one JSON object with --json) to stdout.
 Random checkpoints are written once by transformers to weights/bench/ (git-ignored).
 """
@@ -187,6 +188,47 @@ def worker(spec):
     return res
 
 
+PROFILED = {"embeddings": "embeddings", "_linear": "linear (Q, K, V, O, FFN out; BLAS)", "ffn": "ffn",
+            "_bias_act_rows": "bias + activation", "_attend": "attention core (Numba)",
+            "_stats": "FCA statistics", "add_layer_norm": "residual + LayerNorm"}
+
+
+def profile_worker(spec):
+    """Where the numba forward's time goes: wall ms per op per forward (medians of `runs`), by wrapping
+    the module functions `bert_forward` calls; `ffn` includes its output linear and its bias + activation."""
+    from . import fca as fca_mod
+    from .fca import FCAConfig
+    from .kernels import cpu
+    make, model = _runner("numba", spec["folder"], spec["threads"])
+    spent = {}
+
+    def timed(fn, name):
+        def run(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+        return run
+    for name in PROFILED:
+        setattr(cpu, name, timed(getattr(cpu, name), name))
+    fca_mod.FCAState.reduce = timed(fca_mod.FCAState.reduce, "fca_reduce")
+    res = {}
+    for B, L in spec["shapes"]:
+        for label, fca in (("full", None), ("fca_half", "half")):
+            keep = fca_keep_for(model, L, FCA_TARGETS[fca])[0] if fca else None
+            fn = make(B, L, FCAConfig(keep=keep) if fca else None)
+            fn()
+            rows = []
+            for _ in range(spec["runs"]):
+                spent.clear()
+                t = time.perf_counter()
+                fn()
+                rows.append(dict(spent, total=time.perf_counter() - t))
+            res[f"{B}x{L} {label}"] = {k: float(np.median([r.get(k, 0.0) for r in rows])) * 1e3 for k in rows[0]}
+    return res
+
+
 def peak_rss_bytes():
     """This process's peak resident set (VmHWM; ru_maxrss would carry the parent's peak across exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -241,7 +283,7 @@ def importable(name):
 
 
 def run_bench(backends=("numba", "numpy"), quick=False, runs=None, threads=None, root="weights/bench",
-              first_output_model=None):
+              first_output_model=None, profile=False):
     from .config import BertConfig
     from .flops import head_flops, model_flops
     threads = threads or os.cpu_count()
@@ -293,6 +335,10 @@ def run_bench(backends=("numba", "numpy"), quick=False, runs=None, threads=None,
                 r["ratio_to_checkpoint"] = r["peak_rss"] / size
                 r["ratio_to_checkpoint_above_imports"] = (r["peak_rss"] - r["rss_after_imports"]) / size
             entry.setdefault("rss", {})[e] = r
+        if profile and "numba" in backends:
+            log(f"{name}: numba forward, time per op")
+            entry["profile"] = subprocess_json("profile", {"folder": str(folder), "shapes": shapes, "runs": runs,
+                                                           "threads": threads}, threads)
         res["models"][name] = entry
     log("time to first output (fresh process, warm cache)")
     try:
@@ -326,6 +372,10 @@ def print_report(res):
             if "peak_rss" in r:
                 print(f"peak RSS ({e}): {r['peak_rss'] / 2**20:.0f} MiB = {r['ratio_to_checkpoint']:.2f}x checkpoint "
                       f"({r['rss_after_imports'] / 2**20:.0f} MiB after imports, before loading)")
+        for case, ops in entry.get("profile", {}).items():
+            if isinstance(ops, dict):
+                parts = ", ".join(f"{PROFILED.get(k, k)} {v:.1f}" for k, v in ops.items() if k != "total")
+                print(f"numba {case}: {ops['total']:.1f} ms = {parts}")
         for e, r in entry["engines"].items():
             if "error" in r:
                 print(f"{e}: {r['error']}")
@@ -348,7 +398,7 @@ def cmd_bench(args):
         if not args.backends:
             return
     res = run_bench(backends=args.backends, quick=args.quick, runs=args.runs, threads=args.threads,
-                    root=args.weights, first_output_model=args.model)
+                    root=args.weights, first_output_model=args.model, profile=args.profile)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
@@ -366,11 +416,12 @@ def register(subparsers, parents):
     p.add_argument("--threads", type=int, default=None, help="threads for every engine (default: all cores)")
     p.add_argument("--weights", default="weights/bench", help="where the random checkpoints go (default weights/bench)")
     p.add_argument("--model", default=None, help="checkpoint for the time-to-first-output test (default all-MiniLM-L6-v2)")
+    p.add_argument("--profile", action="store_true", help="also time each op of the numba forward (ms per forward)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
 
 
 if __name__ == "__main__":
     kind, spec = sys.argv[1], json.loads(sys.argv[2])
-    out = worker(spec) if kind == "worker" else rss_worker(spec)
+    out = {"worker": worker, "rss": rss_worker, "profile": profile_worker}[kind](spec)
     print(json.dumps(out))

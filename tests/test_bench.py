@@ -47,7 +47,7 @@ def test_bench_cli_json(tmp_path, capsys, monkeypatch):
     assert main(["bench", "--quick", "--json", "--backend", "numpy", "--runs", "3", "--weights", str(tmp_path)]) == 0
     assert json.loads(capsys.readouterr().out) == {"machine": {}, "models": {}}
     assert calls["backends"] == ["numpy"] and calls["quick"] and calls["runs"] == 3
-    assert calls["root"] == str(tmp_path)
+    assert calls["root"] == str(tmp_path) and calls["profile"] is False
 
 
 def test_fca_keep_search_meets_target(sst2_path):
@@ -59,3 +59,16 @@ def test_fca_keep_search_meets_target(sst2_path):
     if k > 1:  # one fewer kept token falls under the target
         out = model.forward(bench.random_ids(1, 32, model.config.vocab_size), fca=minifca.FCAConfig(keep=(k - 1) / 32))
         assert out.flops / out.flops_full < 0.5
+
+
+def test_profile_splits_the_numba_forward(quick_result):
+    """--profile: per-op milliseconds that add up to no more than the forward they were taken from."""
+    _, root = quick_result
+    prof = bench.subprocess_json("profile", {"folder": str(root / "tiny"), "shapes": [[2, 16]], "runs": 2,
+                                             "threads": 1}, 1)
+    assert set(prof) == {"2x16 full", "2x16 fca_half"}
+    for case, ops in prof.items():
+        assert ops["total"] > 0 and {"_linear", "_attend", "ffn", "add_layer_norm", "embeddings"} <= set(ops)
+        inner = ops["embeddings"] + ops["add_layer_norm"] + ops["ffn"] + ops["_attend"] + ops.get("fca_reduce", 0)
+        assert inner <= ops["total"] * 1.01, case
+    assert prof["2x16 fca_half"]["fca_reduce"] > 0 and "fca_reduce" not in prof["2x16 full"]
