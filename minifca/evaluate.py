@@ -556,19 +556,25 @@ def cmd_calibrate(args):
         if Path(f).name.lower().startswith(DEV_NAMES):
             raise InputError(f"{f}: calibrate searches on training data; this looks like a dev/validation/test "
                              "file, and calibrating on it would leak into the evaluation")
+    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     rng = np.random.default_rng(args.seed)
     idx = [i for i, t in enumerate(data.texts) if len(t.split()) >= args.min_words]
     if not idx:
         raise InputError(f"{data.source}: no example has >= {args.min_words} words (--min-words)")
-    idx = rng.choice(idx, size=min(args.samples, len(idx)), replace=False).tolist()  # random order
-    sample = data.subset(idx)
+    idx = rng.choice(idx, size=min(max(args.samples, args.pool), len(idx)), replace=False).tolist()  # random order
     model = load_model(args)
+    if args.pool > args.samples:                                    # keep the examples the full model is least sure of
+        pool = data.subset(idx)
+        log(f"pool: the full model on {len(pool)} training examples, keeping the {args.samples} with the smallest margin")
+        logits = predict(model, pool, None, make_batches(model, pool, args.batch_size), None)["logits"]
+        top2 = np.sort(logits, 1)[:, -2:]                            # [N, 2]
+        idx = [idx[i] for i in np.sort(np.argsort(top2[:, 1] - top2[:, 0], kind="stable")[:args.samples])]
+    sample = data.subset(idx)
     base = fca_from_args(args, model.config.num_hidden_layers) or FCAConfig()
     t = time.perf_counter()
     rules = [parse_rule(r) for r in args.rules or ()]
     for r in rules:
         FCAConfig(**{**base.to_dict(), **r})                         # a bad rule fails before the search
-    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     start = None
     if 0 < args.descent_samples < len(sample):                      # a cheap descent first, then all of the sample
         log(f"descent on the first {args.descent_samples} examples of the sample")
@@ -580,7 +586,7 @@ def cmd_calibrate(args):
                           args.refine, rules, start, log=log)
     d = cfg.to_dict()
     d["meta"] = {"made_by": "minifca calibrate", "model": str(model.path), "data": data.source,
-                 "samples": len(sample), "min_words": args.min_words, "seed": args.seed,
+                 "samples": len(sample), "pool": args.pool, "min_words": args.min_words, "seed": args.seed,
                  "target_flops": args.target_flops, "step": args.step,
                  "descent_samples": args.descent_samples,
                  "sample_flops_ratio": round(best["flops_ratio"], 4), "sample_agreement": round(best["agreement"], 4),
@@ -647,6 +653,10 @@ def register(subparsers, parents):
     _data_flags(p, "train")
     p.add_argument("--target-flops", type=float, required=True, help="FLOPs budget as a fraction of the full model")
     p.add_argument("--samples", type=int, default=512, help="training examples in the calibration sample (default 512)")
+    p.add_argument("--pool", type=int, default=0,
+                   help="draw this many training examples and calibrate on the --samples of them the full model is "
+                        "least sure of (smallest logit margin): held-out data is harder than the training data the "
+                        "model has fitted, so agreement there is a better guide (default 0: a plain random sample)")
     p.add_argument("--min-words", type=int, default=0, help="sample only examples with at least this many words")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample")
     p.add_argument("--descent-samples", type=int, default=128,

@@ -265,13 +265,13 @@ def test_calibrate_reads_only_its_data_and_meets_the_budget(sst2_tsv, tmp_path, 
     monkeypatch.setattr(builtins, "open", spy)
     out = tmp_path / "schedule.json"
     assert main(["calibrate", "--model", str(SST2_MODEL), "--backend", "numpy", "--data", str(sst2_tsv),
-                 "--samples", "6", "--descent-samples", "3", "--target-flops", "0.6", "--step", "0.5", "--refine", "0",
+                 "--samples", "6", "--pool", "8", "--descent-samples", "3", "--target-flops", "0.6", "--step", "0.5", "--refine", "0",
                  "--out", str(out)]) == 0
     monkeypatch.setattr(builtins, "open", real_open)
     data_files = {f for f in opened if f.endswith((".tsv", ".parquet"))}
     assert data_files == {str(sst2_tsv)} and str(dev) not in opened
     d = json.loads(out.read_text())
-    assert d["meta"]["sample_flops_ratio"] <= 0.6 and d["meta"]["samples"] == 6
+    assert d["meta"]["sample_flops_ratio"] <= 0.6 and d["meta"]["samples"] == 6 and d["meta"]["pool"] == 8
     cfg = minifca.FCAConfig.load(out)
     assert all(a >= b for a, b in zip(cfg.keep, cfg.keep[1:])) and len(cfg.keep) == 6
     # the schedule works with --fca-schedule, and gives the FLOPs it promised on the sample it was made on
