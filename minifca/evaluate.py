@@ -376,12 +376,26 @@ def ablate(model, data, rows, out, batch_size=64, pad_to=64, max_length=None, pr
             log(f"{label:<45} {level!s:>5}  acc {r['accuracy']:.4f}  agree {r['agreement']:.4f}  "
                 f"FLOPs {r['flops_ratio']:.3f} (padded {r['flops_ratio_padded']:.3f})  {r['seconds']:.1f} s")
     table = read_rows(csv_path)
-    (out / "results.md").write_text(results_table(table, pad_to))
+    (out / "results.md").write_text(results_table(table, pad_to) + "\naccuracy (FLOPs / full model, unpadded) by "
+                                    "rule and keep level:\n\n" + pivot_table(table))
     plotted = plot(table, out / "tradeoff.png", padded=False) and plot(table, out / "tradeoff_padded.png", padded=True)
     if not plotted:
         log("matplotlib is not installed: wrote results.csv and results.md but no tradeoff.png "
             "(pip install 'minifca[plot]' or pip install matplotlib, then rerun: finished rows are not recomputed)")
     return table
+
+
+def pivot_table(rows, x="flops_ratio") -> str:
+    """Accuracy (FLOPs ratio) of every grid rule (rows) at every keep level (columns)."""
+    grid_rows = [r for r in rows if r["label"] != "full model" and not r["label"].startswith("schedule")]
+    levels = sorted({r["level"] for r in grid_rows}, key=float, reverse=True)
+    cell = {(r["label"], r["level"]): r for r in grid_rows}
+    lines = ["| rule | " + " | ".join(f"keep {v}" for v in levels) + " |", "|---" * (len(levels) + 1) + "|"]
+    for label in dict.fromkeys(r["label"] for r in grid_rows):
+        cells = [cell.get((label, v)) for v in levels]
+        lines.append(f"| {label} | " + " | ".join("" if c is None else f"{float(c['accuracy']):.3f} ({float(c[x]):.2f})"
+                                                 for c in cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def results_table(rows, pad_to=64) -> str:
