@@ -508,6 +508,8 @@ def calibrate(model, data, target, base=None, step=0.2, floor=0.01, batch_size=6
 
     loss = lambda r: (1 - r["agreement"]) + r["kl"]  # noqa: E731
     cur = score(list(start) if start is not None else [1.0] * layers)
+    log(f"start: keep {cur['keep']}  FLOPs {cur['flops_ratio']:.3f}  agreement {cur['agreement']:.4f}  "
+        f"KL {cur['kl']:.4f}")
     while cur["flops_ratio"] > target:
         moves = [score(lower(cur["keep"], layer, step)) for layer in range(layers) if cur["keep"][layer] > floor]
         moves = [m for m in moves if m["flops_ratio"] < cur["flops_ratio"]]
