@@ -592,7 +592,13 @@ def cmd_calibrate(args):
     for r in rules:
         FCAConfig(**{**base.to_dict(), **r})                         # a bad rule fails before the search
     start = None
-    if 0 < args.descent_samples < len(sample):                      # a cheap descent first, then all of the sample
+    if args.fca_keep is not None or args.fca_schedule:              # a given schedule is where the search starts
+        if base.counts:
+            raise ConfigError("calibrate searches keep ratios: start it from ratios (e.g. --fca-keep 1,0.8,0.6), "
+                              "not counts")
+        start = base.keep if isinstance(base.keep, list) else [base.keep] * model.config.num_hidden_layers
+        start = [float(v) for v in start]
+    elif 0 < args.descent_samples < len(sample):                      # a cheap descent first, then all of the sample
         log(f"descent on the first {args.descent_samples} examples of the sample")
         first, _ = calibrate(model, sample.subset(range(args.descent_samples)), args.target_flops, base, args.step,
                              args.floor, args.batch_size, refine=0, log=log)
@@ -664,8 +670,9 @@ def register(subparsers, parents):
                               description="A gradient-free search (greedy descent, then coordinate moves) for the "
                                           "per-layer keep ratios that agree most with the full model on a sample of "
                                           "the TRAINING data, with FLOPs <= --target-flops of the full model "
-                                          "(unpadded). The FCA flags choose the rules; writes a schedule JSON for "
-                                          "--fca-schedule.")
+                                          "(unpadded). The FCA flags choose the rules (and a keep given by "
+                                          "--fca-keep/--fca-schedule is where the search starts); writes a "
+                                          "schedule JSON for --fca-schedule.")
     _data_flags(p, "train")
     p.add_argument("--target-flops", type=float, required=True, help="FLOPs budget as a fraction of the full model")
     p.add_argument("--samples", type=int, default=512, help="training examples in the calibration sample (default 512)")

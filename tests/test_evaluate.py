@@ -306,6 +306,12 @@ def test_calibrate_search_keeps_agreement_under_budget(sst2_model, sst2_tsv):
         ev.calibrate(sst2_model, data, 0.01, step=0.5, floor=0.5, log=lambda s: None)
 
 
+def test_calibrate_starts_from_a_given_schedule(sst2_model, sst2_tsv):
+    data = ev.load_data(sst2_tsv, limit=3)
+    cfg, best = ev.calibrate(sst2_model, data, 1.0, start=[1.0, 1.0, 0.5, 0.5, 0.5, 0.5], refine=0, log=lambda s: None)
+    assert cfg.keep == [1.0, 1.0, 0.5, 0.5, 0.5, 0.5] and best["evaluations"] == 1  # in budget: nothing to search
+
+
 def test_parse_rule():
     assert ev.parse_rule("cls_attention+similarity-2+prop") == {"score": "cls_attention", "aggregate": "similarity",
                                                                "clusters": 2, "proportional_attention": True}
