@@ -318,3 +318,11 @@ def test_parse_rule():
     assert ev.parse_rule("random+drop")["clusters"] == 1
     with pytest.raises(ConfigError, match="write score\\+aggregate"):
         ev.parse_rule("random")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "docs" / "schedules").glob("*.json")),
+                         ids=lambda p: p.name)
+def test_shipped_schedules_load(path):
+    cfg = minifca.FCAConfig.load(path)
+    cfg.check_layers(6)                                              # made for the 6-layer SST-2 fine-tune
+    assert all(a >= b for a, b in zip(cfg.keep, cfg.keep[1:]))
