@@ -407,9 +407,16 @@ def results_table(rows, pad_to=64) -> str:
     return "\n".join(lines) + "\n"
 
 
+SCORE_COLORS = {"attention_received": "tab:blue", "cls_attention": "tab:orange", "hidden_norm": "tab:green",
+                "attention_entropy": "tab:purple", "random": "0.45"}
+AGGREGATE_STYLES = {"drop": ("x", ":"), "mean": ("s", "-."), "weighted": ("o", "-"), "clusters": ("^", "--"),
+                    "similarity": ("D", (0, (5, 1)))}
+
+
 def plot(rows, path, padded=False) -> bool:
-    """Accuracy vs FLOPs ratio, one line per rule; the full model a star, the random-score rules dashed
-    (the floor). False when matplotlib is missing."""
+    """Accuracy vs FLOPs ratio, one line per rule (colour = score, marker and dashes = aggregation); the full
+    model a star, the random-score rules grey (the floor), schedule files black-edged diamonds. False when
+    matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -417,27 +424,29 @@ def plot(rows, path, padded=False) -> bool:
     except ImportError:
         return False
     x_of = "flops_ratio_padded" if padded else "flops_ratio"
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(11, 6))
     lines = {}
     for r in rows:
-        lines.setdefault(r["label"], []).append((float(r[x_of]), float(r["accuracy"])))
+        lines.setdefault(r["label"], []).append((float(r[x_of]), float(r["accuracy"]), r))
     for label, pts in lines.items():
-        pts.sort()
-        xs, ys = zip(*pts)
+        pts.sort(key=lambda p: p[0])
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        r = pts[0][2]
         if label == "full model":
-            ax.scatter(xs, ys, marker="*", s=250, color="black", zorder=5, label="full model")
+            ax.scatter(xs, ys, marker="*", s=300, color="black", zorder=5, label="full model")
             ax.axhline(ys[0], color="black", lw=0.6, ls=":")
         elif label.startswith("schedule"):
-            ax.scatter(xs, ys, marker="D", s=50, zorder=4, label=label)
+            ax.scatter(xs, ys, marker="D", s=45, zorder=4, edgecolor="black", label=label)
         else:
-            floor = label.startswith("random")
-            ax.plot(xs, ys, marker="o", ms=3, lw=1.2 if floor else 1.5, ls="--" if floor else "-",
-                    alpha=0.6 if floor else 1.0, label=label + (" (floor)" if floor else ""))
+            marker, ls = AGGREGATE_STYLES.get(r["aggregate"], ("o", "-"))
+            floor = r["score"] == "random"
+            ax.plot(xs, ys, marker=marker, ms=4, lw=1.3, ls=ls, color=SCORE_COLORS.get(r["score"]),
+                    alpha=0.8 if floor else 1.0, label=label + (" (floor)" if floor else ""))
     ax.set_xlabel("FLOPs / full model " + ("padded to a fixed length (the paper's baseline)" if padded
                                            else "on the real tokens (unpadded)"))
     ax.set_ylabel("accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
