@@ -180,7 +180,7 @@ def make_batches(model, data, batch_size=64, max_length=None):
 
 def run_key(model, data, fca, batches, pad_to) -> str:
     """What a pass depends on: model, data, FCA configuration, batching, padded length."""
-    spec = {"model": str(model.path), "data": data.source, "n": len(data), "fca": None if fca is None else fca.to_dict(),
+    spec = {"model": str(model.path), "backend": model.backend, "data": data.source, "n": len(data), "fca": None if fca is None else fca.to_dict(),
             "batches": [len(i) for i, _ in batches], "L": [e.input_ids.shape[1] for _, e in batches], "pad_to": pad_to}
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -351,13 +351,12 @@ def ablate(model, data, rows, out, batch_size=64, pad_to=64, max_length=None, pr
     done = {r["key"] for r in read_rows(csv_path)}
     full_row = {"key": run_key(model, data, None, batches, pad_to), "label": "full model", "keep": "1.0", "level": 1.0,
                 **summarize(full, labels)}
-    todo = [full_row["key"]] * (full_row["key"] not in done)
     new_file = not csv_path.exists()
     with open(csv_path, "a", newline="") as f:
         w = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
         if new_file:
             w.writeheader()
-        if todo:
+        if full_row["key"] not in done:
             w.writerow(full_row)
         for label, level, fca in rows:
             key = run_key(model, data, fca, batches, pad_to)
