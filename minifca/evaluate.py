@@ -575,6 +575,13 @@ def parse_rule(spec: str) -> dict:
             "proportional_attention": len(parts) == 3}
 
 
+def least_sure(model, data, n, batch_size=64) -> np.ndarray:
+    """Indices (in data order) of the n examples with the smallest margin between the full model's top two logits."""
+    logits = predict(model, data, None, make_batches(model, data, batch_size), None)["logits"]  # [N, C]
+    top2 = np.sort(logits, 1)[:, -2:]                                # [N, 2]
+    return np.sort(np.argsort(top2[:, 1] - top2[:, 0], kind="stable")[:n])
+
+
 DEV_NAMES = ("dev", "validation", "test")
 
 
@@ -594,11 +601,8 @@ def cmd_calibrate(args):
     idx = rng.choice(idx, size=min(max(args.samples, args.pool), len(idx)), replace=False).tolist()  # random order
     model = load_model(args)
     if args.pool > args.samples:                                    # keep the examples the full model is least sure of
-        pool = data.subset(idx)
-        log(f"pool: the full model on {len(pool)} training examples, keeping the {args.samples} with the smallest margin")
-        logits = predict(model, pool, None, make_batches(model, pool, args.batch_size), None)["logits"]
-        top2 = np.sort(logits, 1)[:, -2:]                            # [N, 2]
-        idx = [idx[i] for i in np.sort(np.argsort(top2[:, 1] - top2[:, 0], kind="stable")[:args.samples])]
+        log(f"pool: the full model on {len(idx)} training examples, keeping the {args.samples} with the smallest margin")
+        idx = [idx[i] for i in least_sure(model, data.subset(idx), args.samples, args.batch_size)]
     sample = data.subset(idx)
     base = fca_from_args(args, model.config.num_hidden_layers) or FCAConfig()
     t = time.perf_counter()

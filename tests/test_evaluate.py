@@ -312,6 +312,15 @@ def test_calibrate_starts_from_a_given_schedule(sst2_model, sst2_tsv):
     assert cfg.keep == [1.0, 1.0, 0.5, 0.5, 0.5, 0.5] and best["evaluations"] == 1  # in budget: nothing to search
 
 
+def test_least_sure_picks_the_smallest_margins(sst2_model, sst2_tsv):
+    data = ev.load_data(sst2_tsv)
+    logits = ev.predict(sst2_model, data, None, ev.make_batches(sst2_model, data))["logits"]
+    margin = np.abs(logits[:, 1] - logits[:, 0])
+    picked = ev.least_sure(sst2_model, data, 3, batch_size=4)
+    assert list(picked) == sorted(picked) and len(picked) == 3
+    assert margin[picked].max() <= np.delete(margin, picked).min()
+
+
 def test_parse_rule():
     assert ev.parse_rule("cls_attention+similarity-2+prop") == {"score": "cls_attention", "aggregate": "similarity",
                                                                "clusters": 2, "proportional_attention": True}
