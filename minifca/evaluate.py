@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, InputError
+from .errors import CheckpointError, ConfigError, InputError
 
 # ---------------------------------------------------------------- data
 
@@ -180,14 +180,17 @@ def make_batches(model, data, batch_size=64, max_length=None):
 
 def run_key(model, data, fca, batches, pad_to) -> str:
     """What a pass depends on: model, data, FCA configuration, batching, padded length."""
-    spec = {"model": str(model.path), "backend": model.backend, "data": data.source, "n": len(data), "fca": None if fca is None else fca.to_dict(),
-            "batches": [len(i) for i, _ in batches], "L": [e.input_ids.shape[1] for _, e in batches], "pad_to": pad_to}
+    spec = {"model": str(model.path), "backend": model.backend, "data": data.source, "n": len(data),
+            "fca": None if fca is None else fca.to_dict(), "batches": [len(i) for i, _ in batches], "L": [e.input_ids.shape[1] for _, e in batches], "pad_to": pad_to}
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def predict(model, data, fca, batches, pad_to=64, cache_dir=None, progress=False, desc=""):
     """Logits [N, C] and summed FLOPs/seconds of one pass. With cache_dir, each batch's result is appended
     to cache_dir/<key>.jsonl as it comes and batches already there are not run again."""
+    if "classifier" not in model.params:
+        raise CheckpointError(f"{model.path}: evaluating on labelled data needs a checkpoint with a classifier head "
+                              "(classifier.*)")
     done = {}
     cache = None
     if cache_dir is not None:

@@ -321,6 +321,11 @@ def test_least_sure_picks_the_smallest_margins(sst2_model, sst2_tsv):
     assert margin[picked].max() <= np.delete(margin, picked).min()
 
 
+def test_eval_needs_a_classifier_head(minilm_path, sst2_tsv, capsys):
+    assert main(["eval", "--model", str(minilm_path), "--backend", "numpy", "--data", str(sst2_tsv)]) == 2
+    assert "needs a checkpoint with a classifier head" in capsys.readouterr().err
+
+
 def test_parse_rule():
     assert ev.parse_rule("cls_attention+similarity-2+prop") == {"score": "cls_attention", "aggregate": "similarity",
                                                                "clusters": 2, "proportional_attention": True}
