@@ -136,6 +136,9 @@ def load_state(files: list[Path], cfg: BertConfig) -> dict[str, np.ndarray]:
             name = _canonical(raw)
             if name is None:
                 continue
+            if name in state:
+                raise CheckpointError(f"{f}: tensor {raw!r} is also in {where[name]} (as {name!r}); "
+                                      f"a checkpoint holds each tensor once")
             state[name], where[name] = arr, f
     need, opt = expected_shapes(cfg), optional_shapes(cfg)
     missing = [n for n in need if n not in state]

@@ -276,6 +276,17 @@ def test_malformed_shard_index(tiny):
     raised(CheckpointError, load, tiny, match=["model.safetensors.index.json", "weight_map"])
 
 
+def test_tensor_in_two_shards(tiny):
+    _shard(tiny)
+    first = stn.load_file(str(tiny / "model-00001-of-00002.safetensors"))
+    second = stn.load_file(str(tiny / "model-00002-of-00002.safetensors"))
+    name = sorted(first)[0]
+    second[name] = first[name]                              # the same tensor written into both shards
+    stn.save_file(second, str(tiny / "model-00002-of-00002.safetensors"))
+    raised(CheckpointError, load, tiny, match=[name, "model-00001-of-00002.safetensors",
+                                                "model-00002-of-00002.safetensors"])
+
+
 # ---------------------------------------------------------------- tokenizer files
 
 
