@@ -7,15 +7,17 @@ against it (tests/test_kernels.py). What changes is how the work is done, not wh
   to reach BLAS itself, and a hand-written loop is slower than OpenBLAS at these shapes;
 - everything between two matrix products is one parallel Numba loop over rows: bias +
   activation, residual + LayerNorm, embedding gather + LayerNorm;
-- attention is one parallel loop over (sequence, query row): for each head, logits, masked
-  softmax and the weighted sum of values, while the head-averaged row that FCA's scores need
+- attention is one parallel loop over (sequence, block of four query rows, so every key and
+  value loaded serves four rows): for each head, logits, masked softmax and the weighted sum of values, while the head-averaged row that FCA's scores need
   is accumulated on the fly. [B, h, n, n] exists only when the caller asks for probabilities;
 - exp (softmax, and the erf/tanh of the activations) is `_exp`, built from float32 arithmetic
   and a bitcast so its loops vectorise: libm's scalar expf/erff made softmax and GELU the
   largest non-GEMM costs (GELU over [1024, 1536]: 34 ms -> 1.5 ms on one core).
 
-No fastmath: every row is computed by one thread in a fixed order, so the same input gives
-bit-identical output run to run, whatever the scheduling.
+Fastmath only inside `_softmax_row` (the max and the sum may be reassociated, so they vectorise;
+softmax 4x cheaper) and FMA contraction in attention; every row is still computed by one thread in
+a fixed order by the same compiled code, so the same input gives bit-identical output run to run,
+whatever the scheduling.
 
 Threads: Numba's OpenMP pool and OpenBLAS's pool take turns on the same cores. OpenMP threads
 that spin after a parallel loop starve the next BLAS call (measured: a 1024x768x3072 GEMM
@@ -196,69 +198,107 @@ def _bias_act_rows(x, b, code):                                      # [R, I] in
 # ---------------------------------------------------------------- attention
 
 
-@nb.njit(parallel=True, **_jit)
+@nb.njit(fastmath={"reassoc", "nsz", "nnan", "contract"}, **_jit)
+def _softmax_row(s, bias_b, scale):                                  # [n] logits -> probabilities, in place
+    n = s.shape[0]
+    for j in range(n):
+        s[j] = s[j] / scale + bias_b[j]
+    mx = np.float32(-np.inf)
+    for j in range(n):
+        mx = max(mx, s[j])
+    for j in range(n):
+        s[j] = _exp(s[j] - mx)
+    tot = np.float32(0.0)
+    for j in range(n):
+        tot += s[j]
+    for j in range(n):
+        s[j] = s[j] / tot
+
+
+@nb.njit(parallel=True, fastmath={"contract"}, **_jit)
 def _attend(Q, K, V, bias, n_head, want_probs, want_stats, probs, abar, ctx):
     """Masked multi-head attention of every query row; Q, K, V [B, n, H] (biases added), bias [B, n].
 
     Writes ctx [B, n, H]; probs [B, h, n, n] if want_probs; abar [B, n, n] (head mean) if want_stats.
-    Every inner loop runs over a contiguous axis without a reduction in it, so it vectorises:
-    logits as q_c * K^T[c, :] row updates, exp through _exp, p V as 4 key rows at a time.
+    Query rows go four at a time (ROWS), so each key and value element loaded serves four rows; every
+    inner loop runs over a contiguous axis without a reduction in it, so it vectorises: logits as
+    q_c * K^T[c, :] row updates, exp through _exp, p V as 4 key rows at a time. Each row's arithmetic
+    is the same, in the same order, whichever block it falls in (bit-identical to one row at a time).
     """
     B, n, H = Q.shape
     d = H // n_head
+    R = 4                                                            # query rows per block
     scale = np.float32(math.sqrt(d))
     Kt = np.empty((B, n_head, d, n), np.float32)                     # keys per head, transposed
     Vh = np.empty((B, n_head, n, d), np.float32)                     # values per head
     for bh in nb.prange(B * n_head):
         b_, h = bh // n_head, bh % n_head
+        for c in range(d):
+            for j in range(n):
+                Kt[b_, h, c, j] = K[b_, j, h * d + c]
         for j in range(n):
             for c in range(d):
-                Kt[b_, h, c, j] = K[b_, j, h * d + c]
                 Vh[b_, h, j, c] = V[b_, j, h * d + c]
-    for r in nb.prange(B * n):
-        b_, i = r // n, r % n
-        s = np.empty(n, np.float32)                                  # one head's logits, then probabilities
-        acc = np.zeros(n, np.float32)                                # head sum of the probabilities
-        out = np.empty(d, np.float32)
+    n_blk = (n + R - 1) // R
+    for t in nb.prange(B * n_blk):
+        b_, i0 = t // n_blk, (t % n_blk) * R
+        rows = min(R, n - i0)
+        s = np.empty((R, n), np.float32)                             # one head's logits, then probabilities
+        acc = np.zeros((R, n), np.float32)                           # head sum of the probabilities
+        out = np.empty((R, d), np.float32)
         for h in range(n_head):
             kt, vh = Kt[b_, h], Vh[b_, h]                            # [d, n], [n, d]
             s[:] = 0.0
-            for c in range(d):                                       # s = q_i K_h^T
-                qc = Q[b_, i, h * d + c]
-                for j in range(n):
-                    s[j] += qc * kt[c, j]
-            for j in range(n):
-                s[j] = s[j] / scale + bias[b_, j]
-            mx = np.float32(-np.inf)
-            for j in range(n):
-                mx = max(mx, s[j])
-            for j in range(n):
-                s[j] = _exp(s[j] - mx)
-            tot = np.float32(0.0)
-            for j in range(n):
-                tot += s[j]
-            for j in range(n):
-                s[j] = s[j] / tot
-            if want_probs:
-                probs[b_, h, i] = s
-            if want_stats:
-                for j in range(n):
-                    acc[j] += s[j]
+            if rows == R:                                            # s = q K_h^T, four rows per pass
+                s0, s1, s2, s3 = s[0], s[1], s[2], s[3]
+                for c in range(d):
+                    q0, q1 = Q[b_, i0, h * d + c], Q[b_, i0 + 1, h * d + c]
+                    q2, q3 = Q[b_, i0 + 2, h * d + c], Q[b_, i0 + 3, h * d + c]
+                    kc = kt[c]
+                    for j in range(n):
+                        k = kc[j]
+                        s0[j] += q0 * k
+                        s1[j] += q1 * k
+                        s2[j] += q2 * k
+                        s3[j] += q3 * k
+            else:
+                for r in range(rows):
+                    sr = s[r]
+                    for c in range(d):
+                        qc = Q[b_, i0 + r, h * d + c]
+                        kc = kt[c]
+                        for j in range(n):
+                            sr[j] += qc * kc[j]
+            for r in range(rows):
+                _softmax_row(s[r], bias[b_], scale)
+                if want_probs:
+                    probs[b_, h, i0 + r] = s[r]
+                if want_stats:
+                    for j in range(n):
+                        acc[r, j] += s[r, j]
             out[:] = 0.0                                             # out = p V_h
             j = 0
             while j + 4 <= n:
-                p0, p1, p2, p3 = s[j], s[j + 1], s[j + 2], s[j + 3]
-                for c in range(d):
-                    out[c] += p0 * vh[j, c] + p1 * vh[j + 1, c] + p2 * vh[j + 2, c] + p3 * vh[j + 3, c]
+                v0, v1, v2, v3 = vh[j], vh[j + 1], vh[j + 2], vh[j + 3]
+                for r in range(rows):
+                    p0, p1, p2, p3 = s[r, j], s[r, j + 1], s[r, j + 2], s[r, j + 3]
+                    o = out[r]
+                    for c in range(d):
+                        o[c] += p0 * v0[c] + p1 * v1[c] + p2 * v2[c] + p3 * v3[c]
                 j += 4
             while j < n:
-                for c in range(d):
-                    out[c] += s[j] * vh[j, c]
+                for r in range(rows):
+                    p = s[r, j]
+                    o = out[r]
+                    for c in range(d):
+                        o[c] += p * vh[j, c]
                 j += 1
-            ctx[b_, i, h * d:(h + 1) * d] = out
+            for r in range(rows):
+                ctx[b_, i0 + r, h * d:(h + 1) * d] = out[r]
         if want_stats:
-            for j in range(n):
-                abar[b_, i, j] = acc[j] / np.float32(n_head)
+            for r in range(rows):
+                for j in range(n):
+                    abar[b_, i0 + r, j] = acc[r, j] / np.float32(n_head)
 
 
 @nb.njit(parallel=True, **_jit)
