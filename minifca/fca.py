@@ -339,6 +339,8 @@ class FCAState:
 
     def reduce(self, layer, cfg, x, mask, sizes, stats, keys, ops=None):
         """Shorten every sequence of the batch; returns x [B, n', H], mask [B, n'], sizes [B, n']."""
+        if self.members is None and batchable(cfg):                 # same result, no Python per sequence
+            return self._reduce_batched(layer, cfg, x, mask, sizes, stats, keys)
         B, _, H = x.shape
         outs, n_in, n_merged, n_fine, scored = [], [], [], [], []
         for b in range(B):
@@ -365,6 +367,94 @@ class FCAState:
             new_x[b, :len(sb)], new_mask[b, :len(sb)], new_sizes[b, :len(sb)] = xb, 1, sb
         self.record(layer, new_mask, merged=(np.array(n_in), np.array(n_merged), n_fine), scored=np.array(scored))
         return new_x, new_mask, new_sizes
+
+    def _reduce_batched(self, layer, cfg, x, mask, sizes, stats, keys):
+        """`reduce` for the whole batch at once (rules in BATCHABLE, no trace): same units, order, sizes."""
+        B, n, H = x.shape
+        valid = mask > 0                                             # [B, n]
+        nv = valid.sum(1)                                            # [B] units entering
+        k = np.array([cfg.k(layer, int(t), int(v)) for t, v in zip(self.n_tokens, nv)], np.int64)  # [B]
+        s = np.asarray(SCORES[cfg.score](stats, x, keys, None), np.float64)  # [B, n]
+        fine = _select_batched(s, valid, k)                          # [B, n] [CLS] + the k-1 best
+        rest = valid & ~fine                                         # [B, n] U, in sequence order
+        m = rest.sum(1)                                              # [B]
+        dropping = cfg.aggregate == "drop"
+        c = np.zeros(B, np.int64) if dropping else np.minimum(1 if cfg.aggregate != "clusters" else cfg.clusters, m)
+        active = (m > 0) & (dropping | (c < m))                      # else each unit left would be its own coarse unit
+        keep = np.where(active[:, None], fine, valid)                # [B, n] units copied as they are
+        c = np.where(active, c, 0)                                   # [B] coarse units made
+        grouped = rest & active[:, None] & (not dropping)            # [B, n] members of a coarse unit
+        W, member = _coarse_weights(cfg.aggregate, s, sizes, grouped, c)  # [B, C, n] float64, bool
+        n_keep = keep.sum(1)                                         # [B]
+        n_out = n_keep + c                                           # [B]
+        N = int(n_out.max())
+        new_x = np.zeros((B, N, H), x.dtype)
+        new_sizes = np.zeros((B, N), sizes.dtype)
+        new_mask = (np.arange(N)[None] < n_out[:, None]).astype(mask.dtype)  # [B, N]
+        bi, ji = np.nonzero(keep)
+        dest = np.cumsum(keep, 1)[bi, ji] - 1                        # slot of each kept unit
+        new_x[bi, dest], new_sizes[bi, dest] = x[bi, ji], sizes[bi, ji]
+        bc, gc = np.nonzero(np.arange(W.shape[1])[None] < c[:, None])  # coarse unit g of sequence b
+        new_x[bc, n_keep[bc] + gc] = (W @ x)[bc, gc].astype(x.dtype)  # [B, C, n] @ [B, n, H] in float64
+        new_sizes[bc, n_keep[bc] + gc] = (member @ sizes[:, :, None])[bc, gc, 0].astype(sizes.dtype)
+        n_fine = [int(kb) if a else f for kb, a, f in zip(k, active, self.n_fine)]
+        self.record(layer, new_mask, merged=(nv.astype(np.int64), grouped.sum(1).astype(np.int64), n_fine),
+                    scored=active)
+        return new_x, new_mask, new_sizes
+
+
+BATCHABLE_SCORES = (attention_received, cls_attention, hidden_norm, attention_entropy)  # one number per unit,
+BATCHABLE_AGGREGATES = (drop, mean, weighted, clusters)                                # no rng, no keys
+
+
+def batchable(cfg):
+    """Can `FCAState._reduce_batched` decide this layer (the rules themselves, not re-registered ones)?"""
+    return (any(SCORES[cfg.score] is f for f in BATCHABLE_SCORES)
+            and any(AGGREGATES[cfg.aggregate] is f for f in BATCHABLE_AGGREGATES))
+
+
+def _select_batched(s, valid, k):
+    """`select` on every row: s [B, n] scores, valid [B, n], k [B] -> fine [B, n] bool."""
+    B, n = s.shape
+    first = np.argmax(valid, 1)                                      # [B] [CLS] = the first valid unit
+    cls = np.arange(n)[None] == first[:, None]                       # [B, n]
+    candidate = valid & ~cls
+    order = np.lexsort((np.arange(n)[None].repeat(B, 0), -s, ~candidate), axis=-1)  # [B, n] candidates best first, earlier on ties
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(n)[None].repeat(B, 0), axis=1)  # [B, n] place of each unit
+    return valid & (cls | (candidate & (rank < (k - 1)[:, None])))
+
+
+def _coarse_weights(aggregate, s, sizes, grouped, c):
+    """AGGREGATES (mean/weighted/clusters) on every row: W [B, C, n] float64 weights, member [B, C, n] bool.
+
+    grouped [B, n]: the units of U that join a coarse unit (in sequence order), c [B] coarse units
+    per row; clusters cuts U into c contiguous chunks as np.array_split does.
+    """
+    B, n = grouped.shape
+    C = int(c.max()) if B else 0
+    bi, ji = np.nonzero(grouped)                                     # [M] members, row by row in order
+    r = np.cumsum(grouped, 1)[bi, ji] - 1                            # [M] place in U
+    m, cb = grouped.sum(1)[bi], np.maximum(c[bi], 1)                 # [M]
+    q, big = m // cb, m % cb                                         # chunk length; chunks one longer
+    g = np.where(r < big * (q + 1), r // (q + 1), big + (r - big * (q + 1)) // np.maximum(q, 1))  # [M]
+    gid = bi * C + g                                                 # [M] coarse unit over the batch
+    if aggregate == "mean":
+        total = np.zeros(B * C, sizes.dtype)
+        np.add.at(total, gid, sizes[bi, ji])
+        w = (sizes[bi, ji] / total[gid]).astype(np.float64)          # size-weighted, as `mean`
+    else:                                                            # softmax in each group, as `weighted`, `clusters`
+        top = np.full(B * C, -np.inf)
+        np.maximum.at(top, gid, s[bi, ji])
+        e = np.exp(s[bi, ji] - top[gid])
+        total = np.zeros(B * C)
+        np.add.at(total, gid, e)
+        w = e / total[gid]
+    W = np.zeros((B, C, n))
+    W[bi, g, ji] = w
+    member = np.zeros((B, C, n), bool)
+    member[bi, g, ji] = True
+    return W, member
 
 
 def _describe(M, S, n_fine):
