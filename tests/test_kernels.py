@@ -87,6 +87,21 @@ def test_ffn_matches_reference(act):
     assert maxdiff(C.ffn(x, **p, act=act), R.ffn(x, **p, act=act)) <= TOL
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 79, 80, 81, 200])
+def test_linear_and_ffn_on_both_sides_of_the_few_rows_switch(rows):
+    """_xwt takes w @ x^T for 2..80 rows and x @ w^T otherwise: both give the reference, contiguous."""
+    rng = np.random.default_rng(rows)
+    x = rand(rng, rows, 48)
+    p = linear_params(rng, 96, 48)
+    y = C._linear(x, **p)
+    assert y.shape == (rows, 96) and y.flags.c_contiguous and y.dtype == np.float32
+    assert maxdiff(y, R.linear(x, **p)) <= TOL
+    q = {"i": linear_params(rng, 96, 48), "o": linear_params(rng, 48, 96)}
+    assert maxdiff(C.ffn(x[None], **q, act="gelu"), R.ffn(x[None], **q, act="gelu")) <= TOL
+    few = C.FEW_ROWS[0] <= rows <= C.FEW_ROWS[1]
+    assert C._xwt(x, p["w"]).flags.c_contiguous == (not few)        # the w @ x^T form is a transposed view
+
+
 def test_ffn_refuses_unknown_activation():
     rng = np.random.default_rng(0)
     p = {"i": linear_params(rng, 8, 4), "o": linear_params(rng, 4, 8)}

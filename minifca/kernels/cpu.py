@@ -4,7 +4,9 @@ Each public function here mirrors the reference function of the same name and is
 against it (tests/test_kernels.py). What changes is how the work is done, not what it is:
 
 - matrix products with the weights go through BLAS (NumPy's matmul); Numba would need scipy
-  to reach BLAS itself, and a hand-written loop is slower than OpenBLAS at these shapes;
+  to reach BLAS itself, and a hand-written loop is slower than OpenBLAS at these shapes. For a
+  few rows (short sentences, sequences FCA has shortened) the product runs as w @ x^T, which
+  OpenBLAS does up to 2x faster there (`_xwt`);
 - everything between two matrix products is one parallel Numba loop over rows: bias +
   activation, residual + LayerNorm, embedding gather + LayerNorm;
 - attention is one parallel loop over (sequence, block of four query rows, so every key and
@@ -337,11 +339,29 @@ def _stats_from_abar(abar, valid, received, cls, entropy):
 # ---------------------------------------------------------------- the functions of reference.py
 
 
+FEW_ROWS = (2, 80)   # row counts for which OpenBLAS runs w @ x^T faster than x @ w^T (see _xwt)
+
+
+def _xwt(x2, w):
+    """[R, in] @ [out, in]^T through BLAS, with no copy of the memory-mapped weight.
+
+    With few rows (a short sentence, or a batch FCA has shortened) OpenBLAS's sgemm runs the same
+    product up to 2x faster as w @ x^T (weight as the left operand), measured with the transposed
+    copy back included: 1.5-2x at 8-32 rows, 1.1-1.2x at 64, even at 96-128, slower from 128
+    (docs/bench_numba.md). The result is then a transposed view.
+    """
+    if FEW_ROWS[0] <= x2.shape[0] <= FEW_ROWS[1]:
+        return np.matmul(w, x2.T).T                                  # [R, out] view of [out, R]
+    return np.matmul(x2, w.T)                                        # [R, out]
+
+
 def _linear(x2, w, b):
-    """[R, in] @ [out, in]^T + b through BLAS (no copy of the memory-mapped weight)."""
-    y = np.matmul(x2, w.T)                                           # [R, out]
-    y += b
-    return y
+    """[R, in] @ [out, in]^T + b, C-contiguous [R, out]."""
+    y = _xwt(x2, w)                                                  # [R, out]
+    if y.flags.c_contiguous:
+        y += b
+        return y
+    return np.add(y, b, out=np.empty(y.shape, F32))
 
 
 def _rows(x):
@@ -371,7 +391,7 @@ def ffn(x, i, o, act):
     if act not in ACT_CODES:
         raise ConfigError(f"config.json hidden_act {act!r} is not supported; choose from {', '.join(ACT_CODES)}")
     x2 = _rows(x)                                                    # [R, H]
-    hid = np.matmul(x2, i["w"].T)                                    # [R, I]
+    hid = np.ascontiguousarray(_xwt(x2, i["w"]))                     # [R, I]
     _bias_act_rows(hid, i["b"], ACT_CODES[act])                      # [R, I] in place
     return _linear(hid, **o).reshape(x.shape)                        # [B, n, H]
 

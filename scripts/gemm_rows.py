@@ -1,0 +1,38 @@
+"""x @ w^T + b against (w @ x^T)^T + b (the transposed copy included) through NumPy's BLAS, by row count.
+
+Usage: python scripts/gemm_rows.py   (best of 20 per case; the weight shapes of MiniLM-L6 and bert-base)
+"""
+import time
+
+import numpy as np
+
+
+def best_ms(f, n=20):
+    f()
+    best = 1e9
+    for _ in range(n):
+        t = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def x_wt(x, w, b):
+    y = np.matmul(x, w.T)
+    y += b
+    return y
+
+
+def w_xt(x, w, b):
+    return np.add(np.matmul(w, x.T).T, b, out=np.empty((x.shape[0], w.shape[0]), np.float32))
+
+
+rng = np.random.default_rng(0)
+for R in (1, 8, 32, 64, 80, 96, 128, 256, 1024):
+    ratios = []
+    for i, o in [(384, 1152), (384, 1536), (1536, 384), (768, 2304), (768, 3072), (3072, 768)]:
+        x, w = rng.normal(size=(R, i)).astype(np.float32), rng.normal(size=(o, i)).astype(np.float32)
+        b = rng.normal(size=o).astype(np.float32)
+        ratios.append(best_ms(lambda: x_wt(x, w, b)) / best_ms(lambda: w_xt(x, w, b)))
+    print(f"rows {R:5d}: (x @ w^T time) / (w @ x^T time) over 6 weight shapes: "
+          f"{min(ratios):.2f}-{max(ratios):.2f}, mean {np.mean(ratios):.2f}", flush=True)
