@@ -406,14 +406,15 @@ def cmd_bench(args):
 
 
 def register(subparsers, parents):
+    from .cli import int_at_least
     p = subparsers.add_parser("bench", help="time our backends beside torch and ONNX Runtime (CPU), with FCA",
                               description=__doc__.split("\n\n")[1] if "\n\n" in __doc__ else None,
                               formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("--backend", dest="backends", nargs="+", default=["numba", "numpy"], choices=["numba", "numpy", "cuda"],
                    help="our backends to time (default: numba numpy); cuda = numba.cuda vs torch CUDA on a GPU")
     p.add_argument("--quick", action="store_true", help="a tiny random model at tiny shapes (a smoke test)")
-    p.add_argument("--runs", type=int, default=None, help="timed runs per case after warm-up (default 5; 2 with --quick)")
-    p.add_argument("--threads", type=int, default=None, help="threads for every engine (default: all cores)")
+    p.add_argument("--runs", type=int_at_least(1), default=None, help="timed runs per case after warm-up (default 5; 2 with --quick)")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="threads for every engine (default: all cores)")
     p.add_argument("--weights", default="weights/bench", help="where the random checkpoints go (default weights/bench)")
     p.add_argument("--model", default=None, help="checkpoint for the time-to-first-output test (default all-MiniLM-L6-v2)")
     p.add_argument("--profile", action="store_true", help="also time each op of the numba forward (ms per forward)")

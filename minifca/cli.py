@@ -6,10 +6,11 @@ import importlib
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from .errors import MinifcaError
+from .errors import ConfigError, MinifcaError
 
 DEMO_SENTENCES = [
     "A man is playing a guitar on stage.",
@@ -25,6 +26,42 @@ COMMAND_MODULES = ["minifca.evaluate", "minifca.bench"]
 
 
 # ---------------------------------------------------------------- shared flags
+
+
+def int_at_least(lo):
+    """An argparse type: an integer >= lo (a bad value is argparse's one-line error, before anything loads)."""
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+    return parse
+
+
+def fraction(s):
+    """An argparse type: a number in (0, 1]."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
+    return v
+
+
+def load_schedule(path):
+    """FCAConfig.load, with a folder or a binary file named as such instead of a traceback."""
+    from .fca import FCAConfig
+    p = Path(path)
+    if p.exists() and not p.is_file():
+        raise ConfigError(f"{p}: not a file (an FCA schedule is a JSON file)")
+    try:
+        return FCAConfig.load(p)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a text file (an FCA schedule is a JSON file)") from None
 
 
 def model_parent() -> argparse.ArgumentParser:
@@ -70,7 +107,7 @@ def parse_keep(s: str):
 def fca_from_args(args, num_layers=None):
     """An FCAConfig from the shared flags, or None when none is given."""
     from .fca import FCAConfig
-    base = FCAConfig.load(args.fca_schedule).to_dict() if args.fca_schedule else None
+    base = load_schedule(args.fca_schedule).to_dict() if args.fca_schedule else None
     over = {"keep": parse_keep(args.fca_keep) if args.fca_keep is not None else None,
             "score": args.fca_score, "aggregate": args.fca_aggregate, "clusters": args.fca_clusters,
             "proportional_attention": True if args.fca_proportional else None, "start_layer": args.fca_start_layer}
@@ -343,6 +380,9 @@ def main(argv=None):
         return args.func(args) or 0
     except MinifcaError as e:
         print(f"minifca: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an --out that is a file, a path that is a folder, no permission, a full disk
+        print(f"minifca: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("minifca: interrupted", file=sys.stderr)

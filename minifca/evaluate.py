@@ -86,6 +86,8 @@ def read_tsv(path) -> Dataset:
             lines = [line.rstrip("\r\n") for line in f]
     except FileNotFoundError:
         raise InputError(f"{path}: data file not found") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); a TSV or .parquet file is needed") from None
     lines = [line for line in lines if line.strip()]
     if not lines:
         raise InputError(f"{path}: empty data file (a header line like `sentence<TAB>label` is needed)")
@@ -328,8 +330,9 @@ def grid(layers, scores, aggregates, levels, shape="uniform", clusters=2, propor
                     rows.append((label, level, FCAConfig(keep=schedule(level, shape, layers), score=score,
                                                          aggregate=agg, clusters=c, proportional_attention=prop,
                                                          start_layer=start_layer)))
+    from .cli import load_schedule
     for f in schedules:
-        rows.append((f"schedule {Path(f).name}", "", FCAConfig.load(f)))
+        rows.append((f"schedule {Path(f).name}", "", load_schedule(f)))
     return rows
 
 
@@ -467,8 +470,12 @@ def cmd_ablate(args):
     data = load_data(args.data, args.subset, args.split, args.limit)
     split = lambda s: [v.strip() for v in s.split(",") if v.strip()]  # noqa: E731
     prop = {"off": (False,), "on": (True,), "both": (False, True)}[args.proportional]
+    try:
+        levels = [float(v) for v in split(args.keep)]
+    except ValueError:
+        raise ConfigError(f"--keep: cannot read {args.keep!r} as comma-separated numbers (e.g. 0.7,0.5,0.3)") from None
     rows = grid(model.config.num_hidden_layers, split(args.scores), split(args.aggregates),
-                [float(v) for v in split(args.keep)], args.shape, args.clusters, prop, args.start_layer,
+                levels, args.shape, args.clusters, prop, args.start_layer,
                 args.schedules or ())
     ablate(model, data, rows, args.out, args.batch_size, args.pad_to, args.max_length, progress=True)
     print(f"wrote {Path(args.out) / 'results.csv'} and results.md")
@@ -574,6 +581,8 @@ def parse_rule(spec: str) -> dict:
     if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "prop"):
         raise ConfigError(f"rule {spec!r}: write score+aggregate[-clusters][+prop], e.g. attention_received+weighted")
     agg, _, c = parts[1].partition("-")
+    if c and not c.isdigit():
+        raise ConfigError(f"rule {spec!r}: the clusters after '-' must be a number, e.g. {parts[0]}+{agg}-2")
     return {"score": parts[0], "aggregate": agg, "clusters": int(c) if c else 1,
             "proportional_attention": len(parts) == 3}
 
@@ -591,6 +600,8 @@ DEV_NAMES = ("dev", "validation", "test")
 def cmd_calibrate(args):
     from .cli import fca_from_args, load_model
     from .fca import FCAConfig
+    if Path(args.out).is_dir():                                     # before the search, not after it
+        raise InputError(f"{args.out}: is a folder; --out is the schedule file to write (e.g. {args.out}/schedule.json)")
     data = load_data(args.data, args.subset, args.split)
     for f in data.source.split(", "):
         if Path(f).name.lower().startswith(DEV_NAMES):
@@ -645,22 +656,24 @@ def cmd_calibrate(args):
 
 
 def _data_flags(p, split):
+    from .cli import int_at_least
     p.add_argument("--data", required=True,
                    help="a TSV/parquet file, a GLUE-like folder, or a hub dataset id (e.g. nyu-mll/glue)")
     p.add_argument("--subset", default=None, help="the task folder inside a GLUE-like folder or hub dataset (e.g. sst2)")
     p.add_argument("--split", default=split, help=f"split to read from a folder or hub dataset (default {split})")
-    p.add_argument("--batch-size", type=int, default=64, help="examples per batch (default 64)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=64, help="examples per batch (default 64)")
 
 
 def register(subparsers, parents):
+    from .cli import fraction, int_at_least
     both = [parents["model"], parents["fca"]]
     p = subparsers.add_parser("eval", parents=both, help="accuracy, agreement and FLOPs of FCA on a labelled data set",
                               description="Runs the full model and the FCA configuration over a GLUE-style data set; "
                                           "prints accuracy, agreement with the full model, FLOPs against the "
                                           "unpadded and the padded full model, and examples/s.")
     _data_flags(p, "validation")
-    p.add_argument("--limit", type=int, default=None, help="only the first N examples")
-    p.add_argument("--pad-to", type=int, default=64, help="padded length of the padded FLOPs baseline (default 64, "
+    p.add_argument("--limit", type=int_at_least(1), default=None, help="only the first N examples")
+    p.add_argument("--pad-to", type=int_at_least(1), default=64, help="padded length of the padded FLOPs baseline (default 64, "
                                                           "the FCA paper's SST-2 setting)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="cache each batch's results here as they come; a rerun resumes from them")
@@ -673,17 +686,17 @@ def register(subparsers, parents):
                                           "DIR/results.csv (a row per configuration as it finishes; a rerun skips "
                                           "finished rows), DIR/results.md and DIR/tradeoff.png, tradeoff_padded.png.")
     _data_flags(p, "validation")
-    p.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    p.add_argument("--limit", type=int_at_least(1), default=None, help="only the first N examples")
     p.add_argument("--scores", default="attention_received,random", help="comma-separated scoring rules")
     p.add_argument("--aggregates", default="drop,weighted", help="comma-separated aggregation rules")
     p.add_argument("--keep", default="0.9,0.7,0.5,0.4,0.3", help="comma-separated keep levels")
     p.add_argument("--shape", default="uniform", choices=["uniform", "linear"],
                    help="uniform: the level on every layer; linear: 1.0 at layer 0 down to the level at the last")
-    p.add_argument("--clusters", type=int, default=2, help="coarse units for the clusters/similarity rules (default 2)")
+    p.add_argument("--clusters", type=int_at_least(1), default=2, help="coarse units for the clusters/similarity rules (default 2)")
     p.add_argument("--proportional", default="off", choices=["off", "on", "both"], help="proportional attention")
-    p.add_argument("--start-layer", type=int, default=0, help="first layer that reduces")
+    p.add_argument("--start-layer", type=int_at_least(0), default=0, help="first layer that reduces")
     p.add_argument("--schedules", nargs="*", default=None, metavar="FILE.json", help="schedule files run as they are")
-    p.add_argument("--pad-to", type=int, default=64, help="padded length of the padded FLOPs baseline (default 64)")
+    p.add_argument("--pad-to", type=int_at_least(1), default=64, help="padded length of the padded FLOPs baseline (default 64)")
     p.add_argument("--out", required=True, metavar="DIR", help="where results go")
     p.set_defaults(func=cmd_ablate)
 
@@ -695,22 +708,22 @@ def register(subparsers, parents):
                                           "--fca-keep/--fca-schedule is where the search starts); writes a "
                                           "schedule JSON for --fca-schedule.")
     _data_flags(p, "train")
-    p.add_argument("--target-flops", type=float, required=True, help="FLOPs budget as a fraction of the full model")
-    p.add_argument("--samples", type=int, default=512, help="training examples in the calibration sample (default 512)")
-    p.add_argument("--pool", type=int, default=0,
+    p.add_argument("--target-flops", type=fraction, required=True, help="FLOPs budget as a fraction of the full model")
+    p.add_argument("--samples", type=int_at_least(1), default=512, help="training examples in the calibration sample (default 512)")
+    p.add_argument("--pool", type=int_at_least(0), default=0,
                    help="draw this many training examples and calibrate on the --samples of them the full model is "
                         "least sure of (smallest logit margin): held-out data is harder than the training data the "
                         "model has fitted, so agreement there is a better guide (default 0: a plain random sample)")
-    p.add_argument("--min-words", type=int, default=0, help="sample only examples with at least this many words")
+    p.add_argument("--min-words", type=int_at_least(0), default=0, help="sample only examples with at least this many words")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample")
-    p.add_argument("--descent-samples", type=int, default=128,
+    p.add_argument("--descent-samples", type=int_at_least(0), default=128,
                    help="run the greedy descent on this many examples of the sample first (faster), then go on with "
                         "all of them (default 128; 0 = all from the start)")
-    p.add_argument("--step", type=float, default=0.2,
+    p.add_argument("--step", type=fraction, default=0.2,
                    help="keep-ratio step of the descent (default 0.2; the refinement uses half of it)")
-    p.add_argument("--floor", type=float, default=0.01,
+    p.add_argument("--floor", type=fraction, default=0.01,
                    help="smallest keep ratio tried (default 0.01: [CLS] alone on sentences under 100 tokens)")
-    p.add_argument("--refine", type=int, default=1, help="coordinate-move sweeps after the descent (default 1)")
+    p.add_argument("--refine", type=int_at_least(0), default=1, help="coordinate-move sweeps after the descent (default 1)")
     p.add_argument("--rules", nargs="*", default=None, metavar="SCORE+AGG[-C][+prop]",
                    help="other rules to try at the schedule found (e.g. cls_attention+similarity-2+prop); the best "
                         "within the budget is refined and saved")

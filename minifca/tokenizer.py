@@ -110,7 +110,7 @@ class Tokenizer:
         if too_long:
             i = too_long[0]
             raise InputError(f"input {i} has {lengths[i]} tokens, more than the limit {limit} "
-                             f"(max_position_embeddings or max_length); pass truncation=True / --truncate to cut it")
+                             f"(max_position_embeddings or max_length); pass truncation=True (Python) or --max-length N (command line) to cut it")
         L = max(lengths)
         B = len(batch)
         ids = np.full((B, L), self.pad_id, dtype=np.int64)
