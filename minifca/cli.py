@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -381,6 +382,9 @@ def main(argv=None):
     except MinifcaError as e:
         print(f"minifca: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `minifca ... | head`: the reader left; stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:  # an --out that is a file, a path that is a folder, no permission, a full disk
         print(f"minifca: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 2

@@ -103,3 +103,15 @@ def test_too_long_input_names_a_flag_that_exists(capsys, sst2_path):
     assert code == 2 and "--max-length" in err and "--truncate" not in err
     code, out, err = run_cli(capsys, "run", "--model", sst2_path, "--max-length", "64", "good " * 600)
     assert code == 0, err
+
+
+def test_closed_stdout_stops_quietly(capsys, monkeypatch):
+    """`minifca demo | head -1`: no traceback and no error line when the reader leaves."""
+    def closed(args):
+        raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(cli, "cmd_explain", closed)
+    dup2 = []
+    monkeypatch.setattr(cli.os, "dup2", lambda *a: dup2.append(a))    # keep pytest's stdout
+    monkeypatch.setattr(cli.sys.stdout, "fileno", lambda: 1, raising=False)
+    code = cli.main(["explain", "text"])
+    assert code == 141 and capsys.readouterr().err == "" and dup2 and dup2[0][1] == 1
