@@ -345,3 +345,22 @@ def test_vectorised_exp_and_erf_are_float32_accurate():
     assert (got[x < -87] == 0).all() and got[x == 0][0] == 1.0
     z = np.linspace(-6, 6, 20001).astype(np.float32)
     assert np.abs(C._erf_array(z) - R.erf(z)).max() < 2e-7
+
+
+def test_openblas_thread_timeout_is_set_before_numpy_loads():
+    """OpenBLAS reads OPENBLAS_THREAD_TIMEOUT when NumPy is first imported: `import minifca` sets it first
+    (12, unless the environment already says otherwise)."""
+    import os
+    import subprocess
+    import sys
+    code = ("import os, sys, importlib.abc\n"
+            "class Spy(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name == 'numpy':\n"
+            "            print('numpy', os.environ.get('OPENBLAS_THREAD_TIMEOUT'), flush=True)\n"
+            "sys.meta_path.insert(0, Spy())\n"
+            "import minifca\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True)
+    assert run(env).stdout.splitlines()[0] == "numpy 12"
+    assert run({**env, "OPENBLAS_THREAD_TIMEOUT": "20"}).stdout.splitlines()[0] == "numpy 20"
