@@ -53,18 +53,6 @@ def fraction(s):
     return v
 
 
-def load_schedule(path):
-    """FCAConfig.load, with a folder or a binary file named as such instead of a traceback."""
-    from .fca import FCAConfig
-    p = Path(path)
-    if p.exists() and not p.is_file():
-        raise ConfigError(f"{p}: not a file (an FCA schedule is a JSON file)")
-    try:
-        return FCAConfig.load(p)
-    except UnicodeDecodeError:
-        raise ConfigError(f"{p}: not a text file (an FCA schedule is a JSON file)") from None
-
-
 def model_parent() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model")
@@ -108,7 +96,7 @@ def parse_keep(s: str):
 def fca_from_args(args, num_layers=None):
     """An FCAConfig from the shared flags, or None when none is given."""
     from .fca import FCAConfig
-    base = load_schedule(args.fca_schedule).to_dict() if args.fca_schedule else None
+    base = FCAConfig.load(args.fca_schedule).to_dict() if args.fca_schedule else None
     over = {"keep": parse_keep(args.fca_keep) if args.fca_keep is not None else None,
             "score": args.fca_score, "aggregate": args.fca_aggregate, "clusters": args.fca_clusters,
             "proportional_attention": True if args.fca_proportional else None, "start_layer": args.fca_start_layer}

@@ -330,9 +330,8 @@ def grid(layers, scores, aggregates, levels, shape="uniform", clusters=2, propor
                     rows.append((label, level, FCAConfig(keep=schedule(level, shape, layers), score=score,
                                                          aggregate=agg, clusters=c, proportional_attention=prop,
                                                          start_layer=start_layer)))
-    from .cli import load_schedule
     for f in schedules:
-        rows.append((f"schedule {Path(f).name}", "", load_schedule(f)))
+        rows.append((f"schedule {Path(f).name}", "", FCAConfig.load(f)))
     return rows
 
 

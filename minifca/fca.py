@@ -257,10 +257,16 @@ class FCAConfig:
     @classmethod
     def load(cls, path) -> "FCAConfig":
         path = Path(path)
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"{path}: not a file (an FCA schedule is a JSON file)")
         try:
             d = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: schedule file not found") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (an FCA schedule is a JSON file)") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the schedule ({e.strerror or e})") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(d, source=str(path))

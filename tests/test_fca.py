@@ -306,6 +306,11 @@ def test_schedule_files_errors(tmp_path):
     (tmp_path / "list.json").write_text("[0.5]")
     with pytest.raises(ConfigError, match="keep"):
         F.FCAConfig.load(tmp_path / "list.json")
+    with pytest.raises(ConfigError, match="not a file"):                # the Python API too, not only the CLI
+        F.FCAConfig.load(tmp_path)
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(ConfigError, match="not a text file"):
+        F.FCAConfig.load(tmp_path / "binary.json")
 
 
 # ---------------------------------------------------------------- command line
