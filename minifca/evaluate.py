@@ -294,7 +294,13 @@ def cmd_eval(args):
     model = load_model(args)
     fca = fca_from_args(args, model.config.num_hidden_layers)
     data = load_data(args.data, args.subset, args.split, args.limit)
-    res = evaluate(model, data, fca, args.batch_size, args.pad_to, args.max_length, args.out, progress=True)
+    try:
+        res = evaluate(model, data, fca, args.batch_size, args.pad_to, args.max_length, args.out, progress=True)
+    except KeyboardInterrupt:
+        print("minifca eval: interrupted; " + (f"the batches done are kept in {args.out}: the same command resumes"
+              if args.out else "nothing was kept (with --out DIR each batch is kept as it comes, and a rerun "
+              "resumes from it)"), file=sys.stderr)
+        raise
     if not emit(res, args.json):
         print_eval(res)
 
@@ -675,7 +681,9 @@ def register(subparsers, parents):
     p.add_argument("--pad-to", type=int_at_least(1), default=64, help="padded length of the padded FLOPs baseline (default 64, "
                                                           "the FCA paper's SST-2 setting)")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="cache each batch's results here as they come; a rerun resumes from them")
+                   help="keep each batch's results here as they come; an interrupted run, rerun with the same "
+                        "flags, resumes from them (off by default: a cache keyed by paths and flags would not see "
+                        "a changed checkpoint or a re-registered rule)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 

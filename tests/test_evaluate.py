@@ -203,6 +203,27 @@ def test_eval_json_fields(sst2_tsv, capsys):
 # ---------------------------------------------------------------- ablate
 
 
+def test_interrupted_eval_says_what_was_kept(sst2_tsv, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in `eval`: exit 130, and the message says whether the batches done were kept (--out) or not."""
+    from minifca import evaluate as E
+    real, calls = E.predict, []
+
+    def predict_then_interrupt(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:                                          # the full model done, then Ctrl-C in the FCA pass
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(E, "predict", predict_then_interrupt)
+    args = ["eval", "--model", str(SST2_MODEL), "--backend", "numpy", "--data", str(sst2_tsv), "--fca-keep", "0.5"]
+    assert main(args) == 130
+    assert "nothing was kept" in capsys.readouterr().err
+    calls.clear()
+    assert main(args + ["--out", str(tmp_path / "cache")]) == 130
+    err = capsys.readouterr().err
+    assert "kept in" in err and "resumes" in err
+    assert list((tmp_path / "cache").glob("*.jsonl"))                 # the full model's batches are there
+
+
 def small_grid(layers=6):
     return ev.grid(layers, ["attention_received", "random"], ["drop", "weighted"], [0.5])
 
