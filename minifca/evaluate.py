@@ -124,6 +124,14 @@ def split_files(root, subset=None, split="validation") -> list:
                      f"data files there: {', '.join(found) or 'none'}" + ("" if subset else "; give --subset?"))
 
 
+def data_from_args(args, limit=None) -> Dataset:
+    """load_data from the command line's --data/--subset/--split (which only choose inside a folder or hub id)."""
+    if Path(str(args.data)).expanduser().is_file() and (args.subset or args.split):
+        raise InputError(f"{args.data}: a single file; --subset/--split choose inside a folder or hub dataset "
+                         "(drop them)")
+    return load_data(args.data, args.subset, args.split or args.default_split, limit)
+
+
 def load_data(spec, subset=None, split="validation", limit=None) -> Dataset:
     """A data file, a GLUE-like folder, or a hub dataset id (e.g. nyu-mll/glue with subset sst2)."""
     path = Path(str(spec)).expanduser()
@@ -293,7 +301,7 @@ def cmd_eval(args):
     from .cli import emit, fca_from_args, load_model
     model = load_model(args)
     fca = fca_from_args(args, model.config.num_hidden_layers)
-    data = load_data(args.data, args.subset, args.split, args.limit)
+    data = data_from_args(args, args.limit)
     try:
         res = evaluate(model, data, fca, args.batch_size, args.pad_to, args.max_length, args.out, progress=True)
     except KeyboardInterrupt:
@@ -472,7 +480,7 @@ def plot(rows, path, padded=False) -> bool:
 def cmd_ablate(args):
     from .cli import load_model
     model = load_model(args)
-    data = load_data(args.data, args.subset, args.split, args.limit)
+    data = data_from_args(args, args.limit)
     split = lambda s: [v.strip() for v in s.split(",") if v.strip()]  # noqa: E731
     prop = {"off": (False,), "on": (True,), "both": (False, True)}[args.proportional]
     try:
@@ -607,7 +615,7 @@ def cmd_calibrate(args):
     from .fca import FCAConfig
     if Path(args.out).is_dir():                                     # before the search, not after it
         raise InputError(f"{args.out}: is a folder; --out is the schedule file to write (e.g. {args.out}/schedule.json)")
-    data = load_data(args.data, args.subset, args.split)
+    data = data_from_args(args)
     for f in data.source.split(", "):
         if Path(f).name.lower().startswith(DEV_NAMES):
             raise InputError(f"{f}: calibrate searches on training data; this looks like a dev/validation/test "
@@ -665,7 +673,8 @@ def _data_flags(p, split):
     p.add_argument("--data", required=True,
                    help="a TSV/parquet file, a GLUE-like folder, or a hub dataset id (e.g. nyu-mll/glue)")
     p.add_argument("--subset", default=None, help="the task folder inside a GLUE-like folder or hub dataset (e.g. sst2)")
-    p.add_argument("--split", default=split, help=f"split to read from a folder or hub dataset (default {split})")
+    p.add_argument("--split", default=None, help=f"split to read from a folder or hub dataset (default {split})")
+    p.set_defaults(default_split=split)
     p.add_argument("--batch-size", type=int_at_least(1), default=64, help="examples per batch (default 64)")
 
 

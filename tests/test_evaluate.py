@@ -224,6 +224,13 @@ def test_interrupted_eval_says_what_was_kept(sst2_tsv, tmp_path, capsys, monkeyp
     assert list((tmp_path / "cache").glob("*.jsonl"))                 # the full model's batches are there
 
 
+def test_split_or_subset_with_a_single_file_is_an_error(sst2_tsv, capsys):
+    base = ["eval", "--model", str(SST2_MODEL), "--backend", "numpy", "--data", str(sst2_tsv)]
+    for extra in (["--split", "train"], ["--subset", "sst2"]):
+        assert main(base + extra) == 2
+        assert "single file" in capsys.readouterr().err
+
+
 def small_grid(layers=6):
     return ev.grid(layers, ["attention_received", "random"], ["drop", "weighted"], [0.5])
 
