@@ -25,7 +25,8 @@ Threads: Numba's OpenMP pool and OpenBLAS's pool take turns on the same cores. O
 that spin after a parallel loop starve the next BLAS call (measured: a 1024x768x3072 GEMM
 followed by a LayerNorm took 160 ms instead of 98 ms on 2 cores), so unless the user chose
 otherwise, idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE, read when Numba first starts
-its pool).
+its pool). The other way round, OpenBLAS's idle threads spin ~0.1 s after each product and starve
+the Numba loops; `minifca/__init__.py` shortens that (OPENBLAS_THREAD_TIMEOUT, read when NumPy loads).
 """
 from __future__ import annotations
 
