@@ -6,14 +6,9 @@
     out = model(enc)                                                # plain BERT
     out = model(enc, fca=minifca.FCAConfig(keep=0.5))               # FCA: half the tokens kept
 """
-import os
+from . import _process
 
-# OpenBLAS's worker threads spin for 2**28 cycles (~0.1 s) after every product by default, and so take
-# the cores from the Numba loops between two products: on 16 cores the numba forward ran 1.8-2.1x
-# slower for it (MiniLM 8x128: 147.6 ms at the default, 69.7 ms at 2**12; BENCHMARKS.md). OpenBLAS reads
-# this once, when NumPy is first imported: it takes effect when minifca is imported before NumPy (the
-# `minifca` command, `minifca bench`'s workers); otherwise set it in the environment yourself.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "12")
+_process.configure()  # OpenBLAS's idle threads and glibc's malloc thresholds, before NumPy loads: see _process.py
 
 from .config import BertConfig  # noqa: E402
 from .errors import (BackendError, CheckpointError, ConfigError, InputError, MinifcaError, TokenizerError)

@@ -364,3 +364,19 @@ def test_openblas_thread_timeout_is_set_before_numpy_loads():
     run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True)
     assert run(env).stdout.splitlines()[0] == "numpy 12"
     assert run({**env, "OPENBLAS_THREAD_TIMEOUT": "20"}).stdout.splitlines()[0] == "numpy 20"
+
+
+def test_malloc_thresholds_are_set_on_glibc_unless_the_user_chose():
+    """`_process.configure` calls glibc's mallopt (True) unless MINIFCA_MALLOPT=0 or MALLOC_* thresholds are set."""
+    import os
+    import platform
+    import subprocess
+    import sys
+    code = "from minifca import _process; print(_process.configure())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "MINIFCA_MALLOPT"))}
+    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True,
+                                   check=True).stdout.split()[-1]
+    glibc = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+    assert run(env) == str(glibc)
+    assert run({**env, "MINIFCA_MALLOPT": "0"}) == "False"
+    assert run({**env, "MALLOC_MMAP_THRESHOLD_": "131072"}) == "False"

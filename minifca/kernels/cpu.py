@@ -26,7 +26,7 @@ that spin after a parallel loop starve the next BLAS call (measured: a 1024x768x
 followed by a LayerNorm took 160 ms instead of 98 ms on 2 cores), so unless the user chose
 otherwise, idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE, read when Numba first starts
 its pool). The other way round, OpenBLAS's idle threads spin ~0.1 s after each product and starve
-the Numba loops; `minifca/__init__.py` shortens that (OPENBLAS_THREAD_TIMEOUT, read when NumPy loads).
+the Numba loops; `minifca/_process.py` shortens that (OPENBLAS_THREAD_TIMEOUT, read when NumPy loads).
 """
 from __future__ import annotations
 
