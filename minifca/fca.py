@@ -450,12 +450,7 @@ def _coarse_weights(aggregate, s, sizes, grouped, c):
         np.add.at(total, gid, sizes[bi, ji])
         w = (sizes[bi, ji] / total[gid]).astype(np.float64)          # size-weighted, as `mean`
     else:                                                            # softmax in each group, as `weighted`, `clusters`
-        top = np.full(B * C, -np.inf)
-        np.maximum.at(top, gid, s[bi, ji])
-        e = np.exp(s[bi, ji] - top[gid])
-        total = np.zeros(B * C)
-        np.add.at(total, gid, e)
-        w = e / total[gid]
+        w = _softmax_in_groups(gid, s[bi, ji]) if len(gid) else np.zeros(0)
     W = np.zeros((B, C, n))
     W[bi, g, ji] = w
     member = np.zeros((B, C, n), bool)

@@ -3,13 +3,12 @@
 all-MiniLM-L6-v2 (the pip-shipped default), 32 x 64 random ids, rows 16..31 padded after 40 tokens,
 keep 0.5; the loop is forced through `fca.batchable`. Best of 5 each. Usage: python scripts/ab_fca_batched.py
 """
-import time
-
 import numpy as np
 
 import minifca
 from minifca import fca as F
 from minifca.assets import default_model_path
+from _timing import best_ms
 
 model = minifca.from_pretrained(default_model_path(), backend="numba")
 rng = np.random.default_rng(0)
@@ -20,19 +19,9 @@ mask[16:, 40:] = 0
 cfg = F.FCAConfig(keep=0.5)
 
 
-def best_ms(f, n=5):
-    f()
-    best = 1e9
-    for _ in range(n):
-        t = time.perf_counter()
-        f()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
-
-
-full = best_ms(lambda: model.forward(ids, mask))
-batched = best_ms(lambda: model.forward(ids, mask, fca=cfg))
+full = best_ms(lambda: model.forward(ids, mask), 5)
+batched = best_ms(lambda: model.forward(ids, mask, fca=cfg), 5)
 batchable, F.batchable = F.batchable, lambda c: False
-loop = best_ms(lambda: model.forward(ids, mask, fca=cfg))
+loop = best_ms(lambda: model.forward(ids, mask, fca=cfg), 5)
 F.batchable = batchable
 print(f"full {full:.1f} ms; FCA keep 0.5: batched decisions {batched:.1f} ms, per-sequence loop {loop:.1f} ms")

@@ -2,9 +2,16 @@
 Numba softmax (+ FCA head mean) in between, one chunk of sequences at a time. Wall-clock, best of 15.
 Usage: python scripts/attention_blas_variant.py   (NUMBA_NUM_THREADS / OPENBLAS_NUM_THREADS to pin threads)
 """
-import math, time, sys, numpy as np, numba as nb
+import math
+
+import numba as nb
+import numpy as np
+
 from minifca.kernels import cpu
-F32=np.float32
+from _timing import best_ms
+
+F32 = np.float32
+
 
 @nb.njit(parallel=True, cache=True, nogil=True)
 def softmax_rows(s, bias, scale, want_stats, abar):
@@ -21,32 +28,30 @@ def softmax_rows(s, bias, scale, want_stats, abar):
                     a += s[b_, k, i, j]
                 abar[b_, i, j] = a / F32(h)
 
-def attend_blas(Q, K, V, bias, n_head, want_probs, want_stats, probs, abar, ctx, budget=8 << 20):
+
+def attend_blas(Q, K, V, bias, n_head, want_stats, abar, ctx, budget=8 << 20):
+    """Same outputs as cpu._attend without probabilities; [b, h, n, n] logits in chunks of <= budget bytes."""
     B, n, H = Q.shape
     d = H // n_head
-    scale = F32(math.sqrt(d))
-    heads = lambda t: t.reshape(t.shape[0], n, n_head, d).transpose(0, 2, 1, 3)
-    step = B if want_probs else max(1, budget // (n_head * n * n * 4))
+    heads = lambda t: t.reshape(t.shape[0], n, n_head, d).transpose(0, 2, 1, 3)  # noqa: E731
+    step = max(1, budget // (n_head * n * n * 4))
     for b0 in range(0, B, step):
         b1 = min(B, b0 + step)
-        s = probs[b0:b1] if want_probs else np.empty((b1 - b0, n_head, n, n), F32)
-        np.matmul(heads(Q[b0:b1]), heads(K[b0:b1]).transpose(0, 1, 3, 2), out=s)
-        softmax_rows(s, bias[b0:b1], scale, want_stats, abar[b0:b1] if want_stats else abar)
+        s = np.matmul(heads(Q[b0:b1]), heads(K[b0:b1]).transpose(0, 1, 3, 2))    # [b, h, n, n]
+        softmax_rows(s, bias[b0:b1], F32(math.sqrt(d)), want_stats, abar[b0:b1])
         np.matmul(s, heads(V[b0:b1]), out=heads(ctx[b0:b1]))
 
-def best(f, n=15):
-    f(); b=1e9
-    for _ in range(n):
-        t=time.perf_counter(); f(); b=min(b,time.perf_counter()-t)
-    return b*1e3
 
-rng=np.random.default_rng(0)
-for (B,n,H,h) in [(1,128,384,12),(8,128,384,12),(32,64,384,12),(1,128,768,12),(8,128,768,12),(32,64,768,12),(1,32,384,12),(2,512,384,12)]:
-    Q,K,V=(rng.normal(size=(B,n,H)).astype(F32) for _ in range(3))
-    bias=np.where(rng.random((B,n))<0.9,F32(0),F32(-1e30)).astype(F32); bias[:,0]=0
-    for stats in (True,):
-        c1=np.empty((B,n,H),F32); c2=np.empty((B,n,H),F32)
-        a1=np.empty((B,n,n),F32); a2=np.empty((B,n,n),F32); p=np.empty((1,1,1,1),F32)
-        t1=best(lambda: cpu._attend(Q,K,V,bias,h,False,stats,p,a1,c1))
-        t2=best(lambda: attend_blas(Q,K,V,bias,h,False,stats,p,a2,c2))
-        print(f"{B}x{n} H={H}: loop {t1:.2f} ms, blas {t2:.2f} ms ({t1/t2:.2f}x)  diff ctx {np.abs(c1-c2).max():.1e} abar {np.abs(a1-a2).max():.1e}", flush=True)
+rng = np.random.default_rng(0)
+for B, n, H, h in [(1, 128, 384, 12), (8, 128, 384, 12), (32, 64, 384, 12), (1, 128, 768, 12),
+                   (8, 128, 768, 12), (32, 64, 768, 12), (1, 32, 384, 12), (2, 512, 384, 12)]:
+    Q, K, V = (rng.normal(size=(B, n, H)).astype(F32) for _ in range(3))
+    bias = np.where(rng.random((B, n)) < 0.9, F32(0), F32(-1e30)).astype(F32)
+    bias[:, 0] = 0
+    ctx1, ctx2 = np.empty((B, n, H), F32), np.empty((B, n, H), F32)
+    abar1, abar2 = np.empty((B, n, n), F32), np.empty((B, n, n), F32)
+    no_probs = np.empty((1, 1, 1, 1), F32)
+    t1 = best_ms(lambda: cpu._attend(Q, K, V, bias, h, False, True, no_probs, abar1, ctx1), 15)
+    t2 = best_ms(lambda: attend_blas(Q, K, V, bias, h, True, abar2, ctx2), 15)
+    print(f"{B}x{n} H={H}: loop {t1:.2f} ms, blas {t2:.2f} ms ({t1 / t2:.2f}x)  diff ctx "
+          f"{np.abs(ctx1 - ctx2).max():.1e} abar {np.abs(abar1 - abar2).max():.1e}", flush=True)

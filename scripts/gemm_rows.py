@@ -3,19 +3,9 @@
 Usage: python scripts/gemm_rows.py   (best of 20 per case; the weight shapes of MiniLM-L6 and bert-base)
 With torch importable, also torch.nn.functional.linear (same threads) against NumPy's best form.
 """
-import time
-
 import numpy as np
 
-
-def best_ms(f, n=20):
-    f()
-    best = 1e9
-    for _ in range(n):
-        t = time.perf_counter()
-        f()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
+from _timing import best_ms
 
 
 def x_wt(x, w, b):
@@ -38,12 +28,12 @@ for R in (1, 8, 32, 64, 80, 96, 128, 256, 1024):
     for i, o in [(384, 1152), (384, 1536), (1536, 384), (768, 2304), (768, 3072), (3072, 768)]:
         x, w = rng.normal(size=(R, i)).astype(np.float32), rng.normal(size=(o, i)).astype(np.float32)
         b = rng.normal(size=o).astype(np.float32)
-        a, c = best_ms(lambda: x_wt(x, w, b)), best_ms(lambda: w_xt(x, w, b))
+        a, c = best_ms(lambda: x_wt(x, w, b), 20), best_ms(lambda: w_xt(x, w, b), 20)
         ratios.append(a / c)
         if torch is not None:
             tx, tw, tb = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b)
             with torch.inference_mode():
-                vs_torch.append(best_ms(lambda: torch.nn.functional.linear(tx, tw, tb)) / min(a, c))
+                vs_torch.append(best_ms(lambda: torch.nn.functional.linear(tx, tw, tb), 20) / min(a, c))
     line = (f"rows {R:5d}: (x @ w^T time) / (w @ x^T time) over 6 weight shapes: "
             f"{min(ratios):.2f}-{max(ratios):.2f}, mean {np.mean(ratios):.2f}")
     if vs_torch:
