@@ -346,7 +346,7 @@ class FCAState:
     def reduce(self, layer, cfg, x, mask, sizes, stats, keys, ops=None):
         """Shorten every sequence of the batch; returns x [B, n', H], mask [B, n'], sizes [B, n']."""
         if self.members is None and batchable(cfg):                 # same result, no Python per sequence
-            return self._reduce_batched(layer, cfg, x, mask, sizes, stats, keys)
+            return self._reduce_batched(layer, cfg, x, mask, sizes, stats, keys, ops)
         B, _, H = x.shape
         outs, n_in, n_merged, n_fine, scored = [], [], [], [], []
         for b in range(B):
@@ -374,39 +374,78 @@ class FCAState:
         self.record(layer, new_mask, merged=(np.array(n_in), np.array(n_merged), n_fine), scored=np.array(scored))
         return new_x, new_mask, new_sizes
 
-    def _reduce_batched(self, layer, cfg, x, mask, sizes, stats, keys):
-        """`reduce` for the whole batch at once (rules in BATCHABLE, no trace): same units, order, sizes."""
-        B, n, H = x.shape
+    def _reduce_batched(self, layer, cfg, x, mask, sizes, stats, keys, ops=None):
+        """`reduce` for the whole batch at once (rules in BATCHABLE, no trace): same units, order, sizes.
+
+        The counts come first (`batch_plan`: they do not depend on the scores); then `reduce_batch`,
+        or the backend's own compiled `reduce_batch` when `ops` has one, picks and merges the units.
+        """
         valid = mask > 0                                             # [B, n]
-        nv = valid.sum(1)                                            # [B] units entering
-        k = np.array([cfg.k(layer, int(t), int(v)) for t, v in zip(self.n_tokens, nv)], np.int64)  # [B]
+        plan = batch_plan(cfg, layer, self.n_tokens, valid)
         s = np.asarray(SCORES[cfg.score](stats, x, keys, None), np.float64)  # [B, n]
-        fine = _select_batched(s, valid, k)                          # [B, n] [CLS] + the k-1 best
-        rest = valid & ~fine                                         # [B, n] U, in sequence order
-        m = rest.sum(1)                                              # [B]
-        dropping = cfg.aggregate == "drop"
-        c = np.zeros(B, np.int64) if dropping else np.minimum(1 if cfg.aggregate != "clusters" else cfg.clusters, m)
-        active = (m > 0) & (dropping | (c < m))                      # else each unit left would be its own coarse unit
-        keep = np.where(active[:, None], fine, valid)                # [B, n] units copied as they are
-        c = np.where(active, c, 0)                                   # [B] coarse units made
-        grouped = rest & active[:, None] & (not dropping)            # [B, n] members of a coarse unit
-        W, member = _coarse_weights(cfg.aggregate, s, sizes, grouped, c)  # [B, C, n] float64, bool
-        n_keep = keep.sum(1)                                         # [B]
-        n_out = n_keep + c                                           # [B]
-        N = int(n_out.max())
-        new_x = np.zeros((B, N, H), x.dtype)
-        new_sizes = np.zeros((B, N), sizes.dtype)
-        new_mask = (np.arange(N)[None] < n_out[:, None]).astype(mask.dtype)  # [B, N]
-        bi, ji = np.nonzero(keep)
-        dest = np.cumsum(keep, 1)[bi, ji] - 1                        # slot of each kept unit
-        new_x[bi, dest], new_sizes[bi, dest] = x[bi, ji], sizes[bi, ji]
-        bc, gc = np.nonzero(np.arange(W.shape[1])[None] < c[:, None])  # coarse unit g of sequence b
-        new_x[bc, n_keep[bc] + gc] = (W @ x)[bc, gc].astype(x.dtype)  # [B, C, n] @ [B, n, H] in float64
-        new_sizes[bc, n_keep[bc] + gc] = (member @ sizes[:, :, None])[bc, gc, 0].astype(sizes.dtype)
-        n_fine = [int(kb) if a else f for kb, a, f in zip(k, active, self.n_fine)]
-        self.record(layer, new_mask, merged=(nv.astype(np.int64), grouped.sum(1).astype(np.int64), n_fine),
-                    scored=active)
-        return new_x, new_mask, new_sizes
+        apply = getattr(ops, "reduce_batch", None) or reduce_batch
+        new_x, new_sizes = apply(s, x, sizes, valid, plan.k, plan.c, plan.active, cfg.aggregate)
+        self.record_plan(layer, plan)
+        return new_x, plan.mask.astype(mask.dtype), new_sizes
+
+    def record_plan(self, layer, plan):
+        """`record` for a layer decided by `batch_plan`."""
+        n_fine = [int(kb) if a else f for kb, a, f in zip(plan.k, plan.active, self.n_fine)]
+        self.record(layer, plan.mask, merged=(plan.n_in, plan.n_merged, n_fine), scored=plan.active)
+
+
+@dataclass
+class BatchPlan:
+    """How many units each sequence keeps and makes at one layer (all [B] int64, active bool)."""
+    k: np.ndarray         # fine units, [CLS] included (when active)
+    c: np.ndarray         # coarse units made (0 when not active)
+    active: np.ndarray    # does the sequence shrink at this layer?
+    n_in: np.ndarray      # valid units entering
+    n_out: np.ndarray     # units leaving: k + c when active, else n_in
+    n_merged: np.ndarray  # units of U folded into a coarse unit (0 for drop)
+
+    @property
+    def mask(self) -> np.ndarray:                                    # [B, N] the new mask, float32
+        return (np.arange(int(self.n_out.max()))[None] < self.n_out[:, None]).astype(np.float32)
+
+
+def batch_plan(cfg, layer, n_tokens, valid) -> BatchPlan:
+    """The counts of a batched reduction, from the mask alone: no score is needed to know them."""
+    nv = valid.sum(1).astype(np.int64)                               # [B] units entering
+    k = np.array([cfg.k(layer, int(t), int(v)) for t, v in zip(n_tokens, nv)], np.int64)  # [B]
+    m = nv - k                                                       # [B] |U|
+    dropping = cfg.aggregate == "drop"
+    c = np.zeros_like(m) if dropping else np.minimum(cfg.clusters if cfg.aggregate == "clusters" else 1, m)
+    active = (m > 0) & (dropping | (c < m))                          # else each unit left would be its own coarse unit
+    c = np.where(active, c, 0)
+    n_out = np.where(active, k + c, nv)
+    n_merged = np.where(active & (not dropping), m, 0).astype(np.int64)
+    return BatchPlan(k, c, active, nv, n_out, n_merged)
+
+
+def reduce_batch(s, x, sizes, valid, k, c, active, aggregate):
+    """Select and aggregate every sequence of a batch: the units of `batch_plan`, decided by the scores.
+
+    s [B, n] float64 scores, x [B, n, H], sizes [B, n], valid [B, n] bool; k, c [B] int64 and
+    active [B] bool from `batch_plan`; aggregate: drop, mean, weighted or clusters.
+    Returns new_x [B, N, H] (fine units, coarse units, zero padding) and new_sizes [B, N].
+    """
+    B, n, H = x.shape
+    fine = _select_batched(s, valid, k)                              # [B, n] [CLS] + the k-1 best
+    keep = np.where(active[:, None], fine, valid)                    # [B, n] units copied as they are
+    grouped = valid & ~fine & active[:, None] & (aggregate != "drop")  # [B, n] members of a coarse unit
+    W, member = _coarse_weights(aggregate, s, sizes, grouped, c)     # [B, C, n] float64, bool
+    n_keep = keep.sum(1)                                             # [B]
+    N = int((n_keep + c).max())
+    new_x = np.zeros((B, N, H), x.dtype)
+    new_sizes = np.zeros((B, N), sizes.dtype)
+    bi, ji = np.nonzero(keep)
+    dest = np.cumsum(keep, 1)[bi, ji] - 1                            # slot of each kept unit
+    new_x[bi, dest], new_sizes[bi, dest] = x[bi, ji], sizes[bi, ji]
+    bc, gc = np.nonzero(np.arange(W.shape[1])[None] < c[:, None])    # coarse unit g of sequence b
+    new_x[bc, n_keep[bc] + gc] = (W @ x)[bc, gc].astype(x.dtype)     # [B, C, n] @ [B, n, H] in float64
+    new_sizes[bc, n_keep[bc] + gc] = (member @ sizes[:, :, None])[bc, gc, 0].astype(sizes.dtype)
+    return new_x, new_sizes
 
 
 BATCHABLE_SCORES = (attention_received, cls_attention, hidden_norm, attention_entropy)  # one number per unit,
