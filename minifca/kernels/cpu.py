@@ -337,6 +337,103 @@ def _stats_from_abar(abar, valid, received, cls, entropy):
             entropy[b_, j] = np.float32(e) * v
 
 
+# ---------------------------------------------------------------- FCA: selection and aggregation
+
+AGGREGATE_CODES = {"drop": 0, "mean": 1, "weighted": 2, "clusters": 3}
+
+
+@nb.njit(parallel=True, **_jit)
+def _reduce_rows(s, x, sizes, valid, k, c, active, agg, new_x, new_sizes):
+    """fca.reduce_batch, one sequence per iteration: rank, copy the fine units, weigh and sum the rest.
+
+    s [B, n] float64, x [B, n, H], sizes [B, n], valid [B, n] bool, k/c [B] int64, active [B] bool,
+    agg an AGGREGATE_CODES value; new_x [B, N, H] and new_sizes [B, N] zeroed by the caller.
+    """
+    B, n, H = x.shape
+    for b_ in nb.prange(B):
+        if not active[b_]:                                           # copied as it is, valid units first
+            slot = 0
+            for j in range(n):
+                if valid[b_, j]:
+                    new_x[b_, slot, :] = x[b_, j, :]
+                    new_sizes[b_, slot] = sizes[b_, j]
+                    slot += 1
+            continue
+        first = -1                                                   # [CLS]: the first valid unit
+        m = 0
+        cand = np.empty(n, np.int64)                                 # the other valid units, in order
+        for j in range(n):
+            if valid[b_, j]:
+                if first < 0:
+                    first = j
+                else:
+                    cand[m] = j
+                    m += 1
+        neg = np.empty(m, np.float64)
+        for t in range(m):
+            neg[t] = -s[b_, cand[t]]
+        order = np.argsort(neg, kind="mergesort")                    # best first, earlier unit on ties
+        fine = np.zeros(n, np.bool_)
+        fine[first] = True
+        for t in range(k[b_] - 1):
+            fine[cand[order[t]]] = True
+        slot = 0
+        for j in range(n):                                           # fine units, in sequence order
+            if fine[j]:
+                new_x[b_, slot, :] = x[b_, j, :]
+                new_sizes[b_, slot] = sizes[b_, j]
+                slot += 1
+        cb = c[b_]
+        if agg == 0 or cb == 0:                                      # drop: U is discarded
+            continue
+        mu = m - (k[b_] - 1)                                         # |U|
+        q, big = mu // cb, mu % cb                                   # chunk length; the first `big` one longer
+        group = np.full(n, -1, np.int64)
+        r = 0
+        for j in range(n):
+            if valid[b_, j] and not fine[j]:
+                group[j] = r // (q + 1) if r < big * (q + 1) else big + (r - big * (q + 1)) // max(q, 1)
+                r += 1
+        top = np.full(cb, -np.inf)                                   # per group: max score, total
+        tot32 = np.zeros(cb, np.float32)
+        tot = np.zeros(cb, np.float64)
+        for j in range(n):
+            g = group[j]
+            if g >= 0:
+                top[g] = max(top[g], s[b_, j])
+                tot32[g] += sizes[b_, j]
+        w = np.zeros(n, np.float64)
+        for j in range(n):
+            g = group[j]
+            if g >= 0:
+                w[j] = np.float64(sizes[b_, j] / tot32[g]) if agg == 1 else math.exp(s[b_, j] - top[g])
+                tot[g] += w[j]
+        acc = np.zeros((cb, H), np.float64)                          # coarse units, summed in float64
+        for j in range(n):
+            g = group[j]
+            if g >= 0:
+                wj = w[j] if agg == 1 else w[j] / tot[g]             # mean's weights already sum to 1
+                for h in range(H):
+                    acc[g, h] += wj * x[b_, j, h]
+        for g in range(cb):
+            for h in range(H):
+                new_x[b_, slot + g, h] = acc[g, h]
+            new_sizes[b_, slot + g] = tot32[g]
+
+
+def reduce_batch(s, x, sizes, valid, k, c, active, aggregate):
+    """fca.reduce_batch: the same units, order and sizes; coarse sums in float64 as there."""
+    B, n, H = x.shape
+    n_keep = np.where(active, k, valid.sum(1))
+    N = int((n_keep + c).max())
+    new_x = np.zeros((B, N, H), x.dtype)
+    new_sizes = np.zeros((B, N), sizes.dtype)
+    _reduce_rows(np.ascontiguousarray(s, np.float64), np.ascontiguousarray(x), np.ascontiguousarray(sizes),
+                 np.ascontiguousarray(valid, np.bool_), np.asarray(k, np.int64), np.asarray(c, np.int64),
+                 np.asarray(active, np.bool_), AGGREGATE_CODES[aggregate], new_x, new_sizes)
+    return new_x, new_sizes
+
+
 # ---------------------------------------------------------------- the functions of reference.py
 
 
