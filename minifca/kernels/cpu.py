@@ -12,6 +12,10 @@ against it (tests/test_kernels.py). What changes is how the work is done, not wh
 - attention is one parallel loop over (sequence, block of four query rows, so every key and
   value loaded serves four rows): for each head, logits, masked softmax and the weighted sum of values, while the head-averaged row that FCA's scores need
   is accumulated on the fly. [B, h, n, n] exists only when the caller asks for probabilities;
+- FCA's selection and aggregation (`reduce_batch`, for the rules `fca.batchable` accepts) is one
+  parallel loop over sequences: rank by a stable sort, copy the fine units, cut the rest into
+  chunks, weigh and sum them in float64, add up the sizes. The scores themselves come from the
+  statistics the attention loop accumulated (or, for hidden_norm, one NumPy reduction);
 - exp (softmax, and the erf/tanh of the activations) is `_exp`, built from float32 arithmetic
   and a bitcast so its loops vectorise: libm's scalar expf/erff made softmax and GELU the
   largest non-GEMM costs (GELU over [1024, 1536]: 34 ms -> 1.5 ms on one core).
