@@ -146,12 +146,26 @@ FCA_RULES = [
 ]
 
 
+def spy(monkeypatch, name):
+    """Record the layers at which kernels/cuda's `name` (reduce_plan or device_plan) runs."""
+    calls, original = [], getattr(kc, name)
+
+    def wrapped(state, layer, *args, **kw):
+        calls.append(layer)
+        return original(state, layer, *args, **kw)
+    monkeypatch.setattr(kc, name, wrapped)
+    return calls
+
+
 @pytest.mark.parametrize("fca", FCA_RULES, ids=lambda f: f"{f.score}-{f.aggregate}")
-def test_forward_fca_matches_reference(ops, params, fca):
+def test_forward_fca_matches_reference(ops, params, fca, monkeypatch):
+    """trace=True: every rule decides on the host (reduce_plan), and the trace is the reference's."""
     from minifca.fca import sequence_keys
     ids, mask, tt = batch(5)
     keys = sequence_keys(ids, mask)
+    host_calls, device_calls = spy(monkeypatch, "reduce_plan"), spy(monkeypatch, "device_plan")
     got = ops.bert_forward(params, CFG, ids, mask, tt, fca=fca, keys=keys, trace=True)
+    assert host_calls == [layer for layer in range(CFG.num_hidden_layers) if fca.active(layer)] and not device_calls
     want = reference.bert_forward(params, CFG, ids, mask, tt, fca=fca, keys=keys, trace=True)
     assert np.array_equal(got["mask"], want["mask"]) and got["mask"].shape[1] < ids.shape[1]
     close(got["sizes"], want["sizes"])
@@ -159,6 +173,103 @@ def test_forward_fca_matches_reference(ops, params, fca):
     assert got["trace"] == want["trace"]                           # identical selections and weights
     for g, w in zip(got["units"], want["units"]):
         assert all(np.array_equal(g[k], w[k]) for k in w)
+
+
+# ---------------------------------------------------------------- FCA decided on the device
+
+
+@pytest.mark.parametrize("aggregate", ["drop", "mean", "weighted", "clusters"])
+def test_reduce_batch_matches_fca_reduce_batch(ops, aggregate):
+    """fca_select + merge against fca.reduce_batch: scores from three levels (ties at every cut),
+    masks with holes anywhere (the first unit too) and right padding, inactive rows, c from 1 to 3."""
+    from minifca import fca as F
+    rng = np.random.default_rng(["drop", "mean", "weighted", "clusters"].index(aggregate))
+    for trial in range(3):
+        B, n, H = 4, 10, 3
+        valid = rng.random((B, n)) < 0.7
+        valid[0] = True                                                 # all valid
+        valid[1, :] = np.arange(n) < 1 + trial * 3                      # right padding (one unit only, at first)
+        valid[2, 0] = False                                             # [CLS] is the first valid unit
+        x = rng.normal(size=(B, n, H)).astype(np.float32)
+        sizes = (rng.integers(1, 4, (B, n)) * valid).astype(np.float32)
+        s = rng.integers(0, 3, (B, n)).astype(np.float64)
+        nv = valid.sum(1)
+        k = np.array([rng.integers(1, v + 1) for v in nv])
+        m = nv - k
+        c = np.zeros(B, np.int64) if aggregate == "drop" else np.minimum(
+            rng.integers(1, 4, B) if aggregate == "clusters" else 1, m)
+        active = (m > 0) & ((aggregate == "drop") | (c < m))
+        active[3] &= trial != 1                                         # a row left alone although it could shrink
+        c = np.where(active, c, 0)
+        want = F.reduce_batch(s, x, sizes, valid, k, c, active, aggregate)
+        got = ops.reduce_batch(s, x, sizes, valid, k, c, active, aggregate)
+        assert got[0].shape == want[0].shape and got[0].dtype == want[0].dtype and got[1].dtype == want[1].dtype
+        np.testing.assert_array_equal(got[1], want[1])
+        assert np.abs(got[0] - want[0]).max() <= 1e-6
+
+
+# a smaller model for the many forwards below (the simulator's time grows with the attention blocks)
+CFG2 = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=12, max_position_embeddings=16, layer_norm_eps=1e-12)
+
+
+@pytest.fixture(scope="module")
+def small():
+    params = random_params(CFG2, seed=1)
+    return kc.CudaOps(params), params
+
+
+def small_batch():
+    """Two sequences: eight tokens; six with a hole (valid tokens 0, 1, 3, 4, 5, 6)."""
+    ids = np.array([[2, 7, 9, 11, 4, 13, 21, 3], [2, 5, 0, 6, 8, 17, 3, 0]])
+    mask = np.array([[1] * 8, [1, 1, 0, 1, 1, 1, 1, 0]])
+    return ids * mask, mask, (np.arange(8)[None] >= 4).astype(np.int64) * mask
+
+
+@pytest.mark.parametrize("aggregate", ["drop", "mean", "weighted", "clusters"])
+@pytest.mark.parametrize("score", ["attention_received", "cls_attention", "hidden_norm", "attention_entropy"])
+def test_forward_fca_on_device_matches_reference(small, score, aggregate, monkeypatch):
+    """Every batchable rule: decided on the device (no reduce_plan), same units, sizes and states as the
+    reference, and nothing copied back but the outputs (the last hidden states, the sizes)."""
+    from minifca.fca import sequence_keys
+    ops, params = small
+    ids, mask, tt = small_batch()
+    fca = FCAConfig(keep=[4, 3], score=score, aggregate=aggregate, clusters=2 if aggregate == "clusters" else 1,
+                    proportional_attention=aggregate != "drop")
+    keys = sequence_keys(ids, mask)
+    host_calls, device_calls = spy(monkeypatch, "reduce_plan"), spy(monkeypatch, "device_plan")
+    copies = []
+    array_type = type(ops.cuda.to_device(np.zeros(1)))
+    plain_copy = array_type.copy_to_host
+    monkeypatch.setattr(array_type, "copy_to_host", lambda self, *a, **kw: copies.append(self.shape) or
+                        plain_copy(self, *a, **kw))
+    got = ops.bert_forward(params, CFG2, ids, mask, tt, fca=fca, keys=keys)
+    monkeypatch.undo()
+    assert host_calls == [] and device_calls == [0, 1]
+    assert len(copies) == 2, copies                                      # last_hidden_state and sizes
+    want = reference.bert_forward(params, CFG2, ids, mask, tt, fca=fca, keys=keys)
+    assert np.array_equal(got["mask"], want["mask"]) and got["mask"].shape[1] < ids.shape[1]
+    assert np.array_equal(got["sizes"], want["sizes"]) and got["sizes"].dtype == want["sizes"].dtype
+    close(got["last_hidden_state"], want["last_hidden_state"])
+    for g, w in zip(got["units"], want["units"]):
+        assert all(np.array_equal(g[k], w[k]) for k in w)
+
+
+@pytest.mark.parametrize("fca", [FCAConfig(keep=[4, 3], score="random", seed=1),
+                                 FCAConfig(keep=[5, 4], aggregate="similarity", clusters=2)],
+                         ids=lambda f: f"{f.score}-{f.aggregate}")
+def test_forward_other_rules_decide_on_the_host(small, fca, monkeypatch):
+    from minifca.fca import sequence_keys
+    ops, params = small
+    ids, mask, tt = small_batch()
+    keys = sequence_keys(ids, mask)
+    host_calls, device_calls = spy(monkeypatch, "reduce_plan"), spy(monkeypatch, "device_plan")
+    got = ops.bert_forward(params, CFG2, ids, mask, tt, fca=fca, keys=keys)
+    assert host_calls == [0, 1] and device_calls == []
+    want = reference.bert_forward(params, CFG2, ids, mask, tt, fca=fca, keys=keys)
+    assert np.array_equal(got["mask"], want["mask"]) and got["mask"].shape[1] < ids.shape[1]
+    close(got["sizes"], want["sizes"])
+    close(got["last_hidden_state"], want["last_hidden_state"])
 
 
 def test_model_backend_cuda_uploads_once(tmp_path):
@@ -181,7 +292,8 @@ def test_model_backend_cuda_uploads_once(tmp_path):
 
 
 def test_kernel_profile_accounts_for_the_forward(tmp_path):
-    """cuda_bench.kernel_profile: every kernel of an FCA forward is timed, and the parts add up to the total."""
+    """cuda_bench.kernel_profile: every kernel of an FCA forward is timed, and the parts add up to the total;
+    the paper's rule is decided on the device, so the host only counts (no reduce_plan)."""
     from conftest import write_random_checkpoint
     import minifca
     from minifca.kernels.cuda_bench import KERNEL_NAMES, kernel_profile
@@ -190,7 +302,9 @@ def test_kernel_profile_accounts_for_the_forward(tmp_path):
     model = minifca.from_pretrained(folder, backend="cuda")
     ids = np.array([[2, 7, 9, 11, 4, 3], [2, 5, 6, 8, 3, 0]])
     p = kernel_profile(model, ids, (ids > 0).astype(np.int64), FCAConfig(keep=0.5), repeats=1)
-    assert all(p["ms"][name] > 0 for name in KERNEL_NAMES + ("fca plan (host)",)), p
+    launched = [name for name in KERNEL_NAMES if name != "fca_norms"]  # fca_norms: hidden_norm's score only
+    assert all(p["ms"][name] > 0 for name in launched + ["fca counts (host)"]), p
+    assert p["ms"]["fca_norms"] == p["ms"]["fca plan (host)"] == 0, p
     assert abs(sum(p["ms"].values()) - p["total_ms"]) < 1e-6 * p["total_ms"] + 1e-9
     assert model.ops.k.matmul_bias_act is kc.kernels(True, kc.DEFAULT_TILES).matmul_bias_act  # restored
 

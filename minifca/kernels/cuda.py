@@ -1,10 +1,10 @@
 """backend="cuda": the reference forward (and FCA) as numba.cuda kernels, the batch kept on the GPU.
 
-Each kernel stands for a reference function (`minifca.reference`), and `CudaOps` offers the same
-names (`embeddings`, `attention`, `attention_stats`, `add_layer_norm`, `ffn`, `linear`,
-`bert_forward`) on host arrays, so each one is tested against the reference. Its own
-`bert_forward` uploads the weights once per model and keeps the batch on the device between
-layers; only the outputs (and, at an FCA layer, the per-unit statistics) come back.
+Each kernel stands for a reference function (`minifca.reference`, `minifca.fca`), and `CudaOps`
+offers the same names (`embeddings`, `attention`, `attention_stats`, `add_layer_norm`, `ffn`,
+`linear`, `reduce_batch`, `bert_forward`) on host arrays, so each one is tested against the
+reference. Its own `bert_forward` uploads the weights once per model and keeps the batch on the
+device between layers; only the outputs come back.
 
     kernel            reference                       one block per
     matmul_bias_act   linear (+ activation of ffn)    BM x BN output tile, shared-memory tiles of A and W
@@ -12,12 +12,20 @@ layers; only the outputs (and, at an FCA layer, the per-unit statistics) come ba
     add_ln            add_layer_norm / layer_norm     row
     attention         attention's softmax(QK^T/sqrt d + bias) V   (batch, head, query)
     stats             attention_stats                 thread per (batch, unit)
-    merge             fca.merge (fine copies, coarse weighted sums)   output unit
+    fca_norms         fca.hidden_norm (float64)       row
+    fca_select        fca.reduce_batch's decisions    sequence: [CLS] + the k-1 best (ranks by counting),
+                                                      groups, weights, sizes, log sizes -> a gather plan
+    merge             fca.merge, reduce_batch's sums  output unit: copies and float64 weighted sums
 
-FCA decisions (scores, selection, groups, weights) are taken on the host by `fca.reduce_sequence`
-from the statistics the GPU computed, so they are the reference's; gathering and averaging the
-hidden states happen on the device. numba.cuda is imported only when this module is, and only
-`model.py` (backend="cuda") and the CUDA tests import it. Under Numba's simulator
+FCA with the built-in per-unit rules (`fca.batchable`: attention_received, cls_attention,
+attention_entropy, hidden_norm x drop, mean, weighted, clusters) runs on the device: the host
+only counts, from the mask, how many units each sequence keeps and makes (`fca.batch_plan`, in
+`device_plan`), and `fca_select` + `merge` pick, weigh and gather the units from the scores
+the GPU computed; the statistics, hidden states and sizes are not copied back (the sizes once,
+at the end). The other rules (random, similarity, user-registered ones) and trace=True take
+their decisions on the host, by the reference's own `FCAState.reduce` on the statistics copied
+back (`reduce_plan`), and `merge` gathers. numba.cuda is imported only when this module is, and
+only `model.py` (backend="cuda") and the CUDA tests import it. Under Numba's simulator
 (NUMBA_ENABLE_CUDASIM=1) the same kernels run with small tiles.
 """
 from __future__ import annotations
@@ -91,7 +99,7 @@ def kernels(sim: bool, tiles: str = DEFAULT_TILES):
     """Compile-time tile sizes are closure constants: GPU-sized, or tiny under the simulator."""
     global cuda  # a module global: the simulator swaps it inside kernels for its fake module
     cuda = load_cuda()
-    from numba import float32, float64
+    from numba import float32, float64, int32
     BM, BN, BK, TM, TN, CONTIG = TILES[tiles]
     if sim:
         BM, BN, BK, TM, TN = SIM_TILES
@@ -316,18 +324,139 @@ def kernels(sim: bool, tiles: str = DEFAULT_TILES):
         entropy[b, j] = ent * mask[b, j]
 
     @cuda.jit
-    def merge(x, row_ptr, src, w, out):
-        """out[r] = sum_e w[e] x[src[e]] over e in row_ptr[r]:row_ptr[r+1] (float64 sums, as fca.merge)."""
+    def fca_norms(x, s):
+        """fca.hidden_norm: s[b, j] = sqrt(sum_c x[b*n + j, c]^2) in float64, one block per row of x [B*n, H]."""
+        row = cuda.blockIdx.x
+        n = s.shape[1]
+        buf = cuda.shared.array(TPB, float64)
+        acc = float64(0)
+        for c in range(cuda.threadIdx.x, x.shape[1], TPB):
+            v = float64(x[row, c])
+            acc += v * v
+        acc = block_sum(acc, buf)
+        if cuda.threadIdx.x == 0:
+            s[row // n, row % n] = math.sqrt(acc)
+
+    @cuda.jit(device=True)
+    def put_size(new_sizes, log_sizes, b, u, v):
+        new_sizes[b, u] = v
+        log_sizes[b, u] = math.log(max(v, float32(1e-30)))          # the next layer's proportional attention
+
+    @cuda.jit
+    def fca_select(s, mask, sizes, plan, agg, lo, hi, src, w, new_sizes, log_sizes):
+        """fca.reduce_batch's decisions for sequence b (one block each), as a gather plan for `merge`.
+
+        s, mask, sizes [B, n] (scores, any float type); plan [B, 3] int32: k, c, active (fca.batch_plan);
+        agg: 0 drop, 1 mean (size-weighted), 2 softmax of the scores in each group (weighted, clusters).
+        Writes output unit u of sequence b as entries lo[b*N+u]:hi[b*N+u] of (src, w), rows of the
+        [B*n, H] input and float64 weights (the entries of b sit in b*n : b*n+n: kept units first,
+        then U in order); new_sizes and log_sizes [B, N], zero-size padding after the last unit.
+        Ranks and places are counted (O(n^2 / threads)), every group's sums run in member order.
+        """
+        b, tid = cuda.blockIdx.x, cuda.threadIdx.x
+        n, N = mask.shape[1], new_sizes.shape[1]
+        k, c, active = plan[b, 0], plan[b, 1], plan[b, 2] != 0
+        sv = cuda.shared.array(MAXN, float64)       # scores
+        vld = cuda.shared.array(MAXN, int32)        # 1 = a valid unit
+        kind = cuda.shared.array(MAXN, int32)       # 1 kept (fine, or every unit when not active), 2 in U, 0 neither
+        memb = cuda.shared.array(MAXN, int32)       # U in sequence order: the unit of each member
+        e = cuda.shared.array(MAXN, float64)        # a member's exp(s - group max)
+        gval = cuda.shared.array(MAXN, float64)     # per coarse unit: sum of sizes (mean) or max, then sum of e
+        ibuf = cuda.shared.array(TPB, int32)
+        for j in range(tid, n, TPB):
+            sv[j] = s[b, j]
+            vld[j] = 1 if mask[b, j] > 0 else 0
+        cuda.syncthreads()
+        first = 0                                   # [CLS]: the first valid unit
+        while first < n and vld[first] == 0:
+            first += 1
+        for j in range(tid, n, TPB):                # [CLS] + the k-1 best others; ties go to the earlier unit
+            kd = vld[j]
+            if kd == 1 and active and j != first:
+                rank = 0
+                for i in range(n):
+                    if vld[i] == 1 and i != first and (sv[i] > sv[j] or (sv[i] == sv[j] and i < j)):
+                        rank += 1
+                if rank >= k - 1:
+                    kd = 0 if agg == 0 else 2
+            kind[j] = kd
+        cuda.syncthreads()
+        nk, nm = 0, 0
+        for j in range(tid, n, TPB):
+            nk += 1 if kind[j] == 1 else 0
+            nm += 1 if kind[j] == 2 else 0
+        n_keep = block_sum(nk, ibuf)                # kept units, then the m members of U
+        m = block_sum(nm, ibuf)
+        base = b * n                                # this sequence's rows of x and entries
+        for j in range(tid, n, TPB):                # place of each unit among its kind, by counting
+            kd = kind[j]
+            if kd > 0:
+                place = 0
+                for i in range(j):
+                    place += 1 if kind[i] == kd else 0
+                if kd == 1:                         # copied as it is: one entry of weight 1
+                    src[base + place] = base + j
+                    w[base + place] = 1.0
+                    lo[b * N + place] = base + place
+                    hi[b * N + place] = base + place + 1
+                    put_size(new_sizes, log_sizes, b, place, sizes[b, j])
+                else:
+                    memb[place] = j
+                    src[base + n_keep + place] = base + j
+        cuda.syncthreads()
+        cg = c if active and agg != 0 and m > 0 else 0
+        cb = max(cg, 1)
+        q, big = m // cb, m % cb                    # np.array_split: the first `big` chunks are q + 1 long
+        for g in range(tid, cg, TPB):               # one thread per coarse unit, its members in order
+            g0 = g * (q + 1) if g < big else big * (q + 1) + (g - big) * q
+            g1 = g0 + q + (1 if g < big else 0)
+            lo[b * N + n_keep + g] = base + n_keep + g0
+            hi[b * N + n_keep + g] = base + n_keep + g1
+            total = float32(0)
+            top = -math.inf
+            for r in range(g0, g1):
+                total += float32(sizes[b, memb[r]])
+                top = max(top, sv[memb[r]])
+            put_size(new_sizes, log_sizes, b, n_keep + g, total)
+            gval[g] = total if agg == 1 else top
+        cuda.syncthreads()
+        for r in range(tid, m if cg > 0 else 0, TPB):  # each member: its group, its weight (or exp)
+            g = r // (q + 1) if r < big * (q + 1) else big + (r - big * (q + 1)) // max(q, 1)
+            if agg == 1:
+                w[base + n_keep + r] = float32(sizes[b, memb[r]]) / float32(gval[g])
+            else:
+                e[r] = math.exp(sv[memb[r]] - gval[g])
+        cuda.syncthreads()
+        if agg == 2:
+            for g in range(tid, cg, TPB):           # softmax denominators, summed in member order
+                g0 = g * (q + 1) if g < big else big * (q + 1) + (g - big) * q
+                tot = float64(0)
+                for r in range(g0, g0 + q + (1 if g < big else 0)):
+                    tot += e[r]
+                gval[g] = tot
+            cuda.syncthreads()
+            for r in range(tid, m if cg > 0 else 0, TPB):
+                g = r // (q + 1) if r < big * (q + 1) else big + (r - big * (q + 1)) // max(q, 1)
+                w[base + n_keep + r] = e[r] / gval[g]
+        for u in range(n_keep + cg + tid, N, TPB):  # padding: no entries, size 0
+            lo[b * N + u] = 0
+            hi[b * N + u] = 0
+            put_size(new_sizes, log_sizes, b, u, float32(0))
+
+    @cuda.jit
+    def merge(x, lo, hi, src, w, out):
+        """out[r] = sum_e w[e] x[src[e]] over e in lo[r]:hi[r] (float64 sums, as fca.merge / fca.reduce_batch)."""
         r = cuda.blockIdx.x
         for c in range(cuda.threadIdx.x, out.shape[1], TPB):
             acc = float64(0)
-            for e in range(row_ptr[r], row_ptr[r + 1]):
+            for e in range(lo[r], hi[r]):
                 acc += w[e] * x[src[e], c]
             out[r, c] = acc
 
     return SimpleNamespace(cuda=cuda, BM=BM, BN=BN, TX=TX, TY=TY, TPB=TPB, MAXN=MAXN, DMAX=DMAX,
                            matmul_bias_act=matmul_bias_act, embed_gather=embed_gather, add_ln=add_ln,
-                           attention=attention, stats=stats, merge=merge)
+                           attention=attention, stats=stats, fca_norms=fca_norms, fca_select=fca_select,
+                           merge=merge)
 
 
 # ---------------------------------------------------------------- device weights
@@ -398,7 +527,7 @@ class CudaOps:
         return self._add_ln(out, None, g, b, eps, out)
 
     def _attention(self, x, mask, log_size, qkv_lin, o_lin, n_head, want_probs, want_stats):
-        """x [B*n, H] (device), mask/log_size [B, n] host -> out [B*n, H], probs, stats, qkv (device)."""
+        """x [B*n, H] (device), mask/log_size [B, n] (host or device) -> out [B*n, H], probs, stats, qkv (device)."""
         k, cuda = self.k, self.cuda
         B, n = mask.shape
         H = x.shape[1]
@@ -410,8 +539,8 @@ class CudaOps:
         ctx = self._buf("ctx", (B * n, H))                              # [B*n, H]
         keep = want_probs or want_stats
         probs = self._buf("probs", (B, n_head, n, n) if keep else (1, 1, 1, 1))
-        mask_d = cuda.to_device(_f32(mask))
-        ls = cuda.to_device(_f32(log_size)) if log_size is not None else mask_d
+        mask_d = self._dev(mask)
+        ls = self._dev(log_size) if log_size is not None else mask_d
         scale = np.float32(np.sqrt(d))
         k.attention[(n, n_head, B), k.TPB](qkv, mask_d, ls, log_size is not None, n_head, scale, ctx, probs, keep)
         out = self._linear(ctx, o_lin.w, o_lin.b, name="attn_out")     # [B*n, H]
@@ -426,12 +555,37 @@ class CudaOps:
 
     def _merge(self, x, row_ptr, src, w, out):                          # [R, H] -> [R', H]
         cuda = self.cuda
-        self.k.merge[out.shape[0], self.k.TPB](x, cuda.to_device(row_ptr), cuda.to_device(src), cuda.to_device(w), out)
+        rp = cuda.to_device(row_ptr)
+        self.k.merge[out.shape[0], self.k.TPB](x, rp[:-1], rp[1:], cuda.to_device(src), cuda.to_device(w), out)
         return out
+
+    def _fca_reduce(self, x, s, mask_d, sizes_d, plan, agg, new_x, new_sizes, log_sizes):
+        """fca.reduce_batch on the device: x [B*n, H], scores s, mask_d, sizes_d [B, n] (device) and the
+        host counts plan (k, c, active: [B] each) -> new_x [B*N, H], new_sizes, log_sizes [B, N] (device)."""
+        k = self.k
+        B, n = mask_d.shape
+        N = new_sizes.shape[1]
+        if n > k.MAXN:
+            raise BackendError(f"backend 'cuda' supports sequences up to {k.MAXN} units; got n={n}")
+        lo, hi = self._buf("fca_lo", (B * N,), np.int32), self._buf("fca_hi", (B * N,), np.int32)
+        src, w = self._buf("fca_src", (B * n,), np.int32), self._buf("fca_w", (B * n,), np.float64)
+        plan_d = self.cuda.to_device(np.stack([plan.k, plan.c, plan.active], 1).astype(np.int32))  # [B, 3]
+        if B * N:
+            k.fca_select[B, k.TPB](s, mask_d, sizes_d, plan_d, agg, lo, hi, src, w, new_sizes, log_sizes)
+            k.merge[B * N, k.TPB](x, lo, hi, src, w, new_x)
+        return new_x
+
+    def _hidden_norms(self, x, B, n):                                   # [B*n, H] -> [B, n] float64
+        s = self._buf("fca_score", (B, n), np.float64)
+        self.k.fca_norms[B * n, self.k.TPB](x, s)
+        return s
 
     # ------------------------------------------------------------ reference names, host arrays
     def _up(self, a):
         return self.cuda.to_device(_f32(a))
+
+    def _dev(self, a):                                                  # a device array as it is, else uploaded
+        return a if hasattr(a, "copy_to_host") else self._up(a)
 
     def linear(self, x, w, b):
         x = _f32(x)
@@ -460,6 +614,27 @@ class CudaOps:
         st = self._stats(self._up(probs), self._up(mask))
         return {name: a.copy_to_host() for name, a in st.items()}
 
+    def reduce_batch(self, s, x, sizes, valid, k, c, active, aggregate):
+        """fca.reduce_batch by the `fca_select` and `merge` kernels: same arguments, same host arrays back.
+
+        Sizes are handled as float32 on the device (as the forward keeps them) and returned in sizes' dtype.
+        """
+        B, n, H = x.shape
+        valid, sizes = np.asarray(valid, bool), np.asarray(sizes)
+        k, c, active = (np.asarray(a).astype(np.int64) for a in (k, c, active))
+        nv = valid.sum(1)
+        N = int((np.where(active > 0, np.minimum(k, nv), nv) + c).max()) if B else 0  # as fca.reduce_batch
+        plan = SimpleNamespace(k=k, c=c, active=active)
+        new_x, new_sizes, log_sizes = (self._buf("rb_x", (B * N, H)), self._buf("rb_sizes", (B, N)),
+                                       self._buf("rb_log_sizes", (B, N)))
+        agg = {"drop": 0, "mean": 1}.get(aggregate, 2)
+        self._fca_reduce(self._up(np.reshape(x, (B * n, H))), self.cuda.to_device(np.asarray(s, np.float64)),
+                         self._up(valid), self._up(sizes), plan, agg, new_x, new_sizes, log_sizes)
+        if not B * N:
+            return np.zeros((B, N, H), x.dtype), np.zeros((B, N), sizes.dtype)
+        return (new_x.copy_to_host().reshape(B, N, H).astype(x.dtype, copy=False),
+                new_sizes.copy_to_host().astype(sizes.dtype, copy=False))
+
     def add_layer_norm(self, x, residual, g, b, eps):
         shape = x.shape
         x2 = self._up(x).reshape(-1, shape[-1])
@@ -481,34 +656,60 @@ class CudaOps:
 
     def bert_forward(self, params, cfg, ids, mask, tt, fca=None, ops=None, keys=None,
                      output_hidden_states=False, output_attentions=False, trace=False):
-        """reference.bert_forward on the GPU: same arguments, same dict of host arrays."""
+        """reference.bert_forward on the GPU: same arguments, same dict of host arrays.
+
+        FCA with the built-in per-unit rules (`fca.batchable`) and no trace runs on the device: the
+        host only counts (`device_plan`, from the mask), and scores, selection, weights, hidden
+        states and sizes stay on the GPU. Any other rule, or trace=True, decides on the host
+        (`reduce_plan`, from the statistics copied back).
+        """
         P = self.device_params(params)
         eps, n_head, act = cfg.layer_norm_eps, cfg.num_attention_heads, ACT_CODES[cfg.hidden_act]
         ids = np.asarray(ids)
         B, L = ids.shape
         H = P.word.shape[1]
         mask = (np.asarray(mask) > 0).astype(np.float32)                # [B, L]
+        mask_d = self.cuda.to_device(mask)                               # re-sent when FCA shortens it
         cur = 0                                                          # hidden states live in x0 or x1
         x = self._embed(ids, tt, P.word, P.position, P.token_type, P.ln.g, P.ln.b, eps, self._buf("x0", (B * L, H)))
-        sizes = mask.copy()                                              # [B, n]
+        sizes = mask.copy()                                              # [B, n], on the device after a device reduction
+        log_size_d = None                                                # and then its log too, for the next attention
+        on_device = fca is not None and fca_mod.batchable(fca) and not trace
+        if on_device:
+            score_stat = DEVICE_SCORES[fca_mod.SCORES[fca.score]]        # a statistic's name, or None: hidden_norm
+            agg = DEVICE_AGGREGATES[fca_mod.AGGREGATES[fca.aggregate]]
         state = fca_mod.FCAState.start(mask, keys, trace) if fca is not None else None
         host = lambda t: t.copy_to_host().reshape(B, -1, H)
         hidden, attns = [host(x)] if output_hidden_states else None, [] if output_attentions else None
         for layer, p in enumerate(P.layers):
             reduce = fca is not None and fca.active(layer)
-            log_size = np.log(np.maximum(sizes, 1e-30)) if fca is not None and fca.proportional_attention else None
-            a, probs, st, qkv = self._attention(x, mask, log_size, p.qkv, p.o, n_head, attns is not None, reduce)
+            log_size = None
+            if fca is not None and fca.proportional_attention:
+                log_size = log_size_d if log_size_d is not None else np.log(np.maximum(sizes, 1e-30))
+            want_stats = reduce and not (on_device and score_stat is None)
+            a, probs, st, qkv = self._attention(x, mask_d, log_size, p.qkv, p.o, n_head, attns is not None, want_stats)
             x = self._add_ln(a, x, p.attn_ln.g, p.attn_ln.b, eps, x)  # [B*n, H], in place
             if attns is not None:
                 attns.append(probs.copy_to_host())
             if reduce:
                 n = mask.shape[1]
-                xh = x.copy_to_host().reshape(B, n, H) if fca.score not in STATS_ONLY_SCORES else None
-                kh = qkv.copy_to_host()[:, H:2 * H].reshape(B, n, H) if fca.aggregate not in KEYLESS_AGGREGATES else None
-                stats = {name: v.copy_to_host() for name, v in st.items()}
-                row_ptr, src, w, mask, sizes = reduce_plan(state, layer, fca, mask, sizes, stats, xh, kh)
                 cur = 1 - cur                                               # merge into the other buffer
-                x = self._merge(x, row_ptr, src, w, self._buf(f"x{cur}", (B * mask.shape[1], H)))  # [B*n', H]
+                if on_device:
+                    plan = device_plan(state, layer, fca, mask)             # counts only: no scores needed
+                    s = st[score_stat] if score_stat is not None else self._hidden_norms(x, B, n)  # [B, n]
+                    mask = plan.mask                                        # [B, N]
+                    N = mask.shape[1]
+                    new_sizes, log_size_d = self._buf(f"sizes{cur}", (B, N)), self._buf("log_size", (B, N))
+                    x = self._fca_reduce(x, s, mask_d, self._dev(sizes), plan, agg, self._buf(f"x{cur}", (B * N, H)),
+                                         new_sizes, log_size_d)             # [B*N, H]
+                    sizes = new_sizes
+                else:
+                    xh = x.copy_to_host().reshape(B, n, H) if fca.score not in STATS_ONLY_SCORES else None
+                    kh = qkv.copy_to_host()[:, H:2 * H].reshape(B, n, H) if fca.aggregate not in KEYLESS_AGGREGATES else None
+                    stats = {name: v.copy_to_host() for name, v in st.items()}
+                    row_ptr, src, w, mask, sizes = reduce_plan(state, layer, fca, mask, sizes, stats, xh, kh)
+                    x = self._merge(x, row_ptr, src, w, self._buf(f"x{cur}", (B * mask.shape[1], H)))  # [B*n', H]
+                mask_d = self.cuda.to_device(mask)
             elif state is not None:
                 state.record(layer, mask)
             h = self._linear(x, p.i.w, p.i.b, act, name="inter")         # [B*n, I]
@@ -516,12 +717,29 @@ class CudaOps:
             x = self._add_ln(f, x, p.ffn_ln.g, p.ffn_ln.b, eps, x)       # in place
             if hidden is not None:
                 hidden.append(host(x))
-        return {"last_hidden_state": host(x), "mask": mask, "sizes": sizes, "hidden_states": hidden,
-                "attentions": attns, "units": None if state is None else state.units,
+        sizes = sizes if isinstance(sizes, np.ndarray) else sizes.copy_to_host()  # the one copy back of the sizes
+        return {"last_hidden_state": host(x), "mask": mask, "sizes": sizes,
+                "hidden_states": hidden, "attentions": attns, "units": None if state is None else state.units,
                 "trace": None if state is None else state.trace}
 
 
-# ---------------------------------------------------------------- FCA: decide on the host, merge on the device
+# ---------------------------------------------------------------- FCA: what the host decides
+
+
+# the built-in per-unit rules (fca.batchable) as the device path reads them: a score is a statistic
+# of the `stats` kernel (by name) or, for hidden_norm (None), the `fca_norms` kernel; an aggregate
+# is fca_select's code (0 drop, 1 size-weighted mean, 2 softmax of the scores in each group)
+DEVICE_SCORES = {fca_mod.attention_received: "received", fca_mod.cls_attention: "cls",
+                 fca_mod.attention_entropy: "entropy", fca_mod.hidden_norm: None}
+DEVICE_AGGREGATES = {fca_mod.drop: 0, fca_mod.mean: 1, fca_mod.weighted: 2, fca_mod.clusters: 2}
+
+
+def device_plan(state, layer, cfg, mask):
+    """The host's whole part of an FCA layer on the device path: how many units each sequence keeps
+    and makes (`fca.batch_plan`, from the mask alone), recorded on the state (units for FLOPs)."""
+    plan = fca_mod.batch_plan(cfg, layer, state.n_tokens, mask > 0)
+    state.record_plan(layer, plan)
+    return plan
 
 
 def reduce_plan(state, layer, cfg, mask, sizes, stats, x=None, keys=None):

@@ -5,7 +5,7 @@
     bench_cuda(model, ids, mask, {"half": FCAConfig(keep=0.5)})  # rows {impl, ms, sequences_per_s}:
                                        # ours (full, FCA) vs torch fp32, TF32 off and on
     run_bench_cuda(models, shapes)     # `minifca bench --backend cuda`: random bert-base / MiniLM shapes
-    kernel_profile(model, ids, mask)   # ms per kernel, host FCA planning, the rest
+    kernel_profile(model, ids, mask)   # ms per kernel, host FCA work (counts / decisions), the rest
 
 torch and transformers are imported here only (they time the comparison; the package never
 needs them). Times are medians of `repeats` forwards after `warmup` ones, each from host token
@@ -57,16 +57,20 @@ def bench_matmul(M, K, N, tiles, repeats=20) -> dict:
     return out
 
 
-KERNEL_NAMES = ("matmul_bias_act", "embed_gather", "add_ln", "attention", "stats", "merge")
+KERNEL_NAMES = ("matmul_bias_act", "embed_gather", "add_ln", "attention", "stats", "fca_norms", "fca_select",
+                "merge")
+HOST_FCA = {"fca counts (host)": "device_plan", "fca plan (host)": "reduce_plan"}  # label: function of kernels/cuda
 
 
 def kernel_profile(model, ids, mask, fca: FCAConfig | None = None, repeats=3) -> dict:
     """Where one forward's time goes: ms per kernel (each launch synchronised, so launch gaps are
-    counted), host FCA planning (`reduce_plan`), and the rest (transfers, Python), per forward."""
+    counted), FCA's host work, and the rest (transfers, Python), per forward. The host work is
+    "fca counts (host)" (`device_plan`: the counts of the rules decided on the device) or
+    "fca plan (host)" (`reduce_plan`: every decision, for the other rules and for trace)."""
     from numba import cuda
     from . import cuda as kc
     ops = model.ops
-    spent = dict.fromkeys(KERNEL_NAMES + ("fca plan (host)",), 0.0)
+    spent = dict.fromkeys(KERNEL_NAMES + tuple(HOST_FCA), 0.0)
 
     def timed(name, fn):
         def run(*args):
@@ -89,9 +93,10 @@ def kernel_profile(model, ids, mask, fca: FCAConfig | None = None, repeats=3) ->
     tt = np.zeros_like(ids)
     fwd = lambda: ops.bert_forward(model.params, model.config, ids, mask, tt, fca=fca, keys=keys)
     fwd()
-    plain_k, plain_plan = ops.k, kc.reduce_plan
+    plain_k, plain_host = ops.k, {fn: getattr(kc, fn) for fn in HOST_FCA.values()}
     ops.k = SimpleNamespace(**{**vars(plain_k), **{n: Launcher(n, getattr(plain_k, n)) for n in KERNEL_NAMES}})
-    kc.reduce_plan = timed("fca plan (host)", plain_plan)
+    for label, fn in HOST_FCA.items():
+        setattr(kc, fn, timed(label, plain_host[fn]))
     try:
         t = time.perf_counter()
         for _ in range(repeats):
@@ -99,7 +104,9 @@ def kernel_profile(model, ids, mask, fca: FCAConfig | None = None, repeats=3) ->
         cuda.synchronize()
         total = (time.perf_counter() - t) / repeats
     finally:
-        ops.k, kc.reduce_plan = plain_k, plain_plan
+        ops.k = plain_k
+        for fn, f in plain_host.items():
+            setattr(kc, fn, f)
     ms = {name: 1e3 * v / repeats for name, v in spent.items()}
     ms["other (transfers, Python)"] = 1e3 * total - sum(ms.values())
     return {"batch": list(ids.shape), "fca": None if fca is None else fca.keep, "total_ms": 1e3 * total, "ms": ms}
