@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 from numba.core import config as numba_config  # noqa: E402
@@ -124,6 +125,55 @@ def test_attention_probs_stats_keys(ops, params, proportional, n_head):
     stats = ops.attention_stats(want[1], mask)                     # the stats kernel on its own
     for name in want[2]:
         close(stats[name], want[2][name])
+
+
+def launches(monkeypatch, ops):
+    """Spy on ops' kernels (cuda_bench.KERNEL_NAMES): a list of (name, shapes of the array arguments) per launch."""
+    from minifca.kernels.cuda_bench import KERNEL_NAMES
+    seen = []
+
+    class Spy:
+        def __init__(self, name, kern):
+            self.name, self.kern = name, kern
+
+        def __getitem__(self, cfg):
+            run = self.kern[cfg]
+            return lambda *args: seen.append((self.name, [a.shape for a in args if np.ndim(a)])) or run(*args)
+    monkeypatch.setattr(ops, "k", SimpleNamespace(**{**vars(ops.k), **{n: Spy(n, getattr(ops.k, n))
+                                                                         for n in KERNEL_NAMES}}))
+    return seen
+
+
+def no_probs_buffer(seen, ops):
+    """No kernel got a [B, h, n, n] array (the dummy [1, 1, 1, 1] aside), and none was allocated."""
+    return "probs" not in ops._ws and all(len(s) < 4 or np.prod(s) == 1 for _, shapes in seen for s in shapes)
+
+
+@pytest.mark.parametrize("proportional, n_head", [(False, 4), (True, 4), (True, 1)])
+def test_attention_abar_stats_without_probs(ops, params, proportional, n_head, monkeypatch):
+    """want_stats without want_probs: the attention_abar kernel (heads in turn, Abar in shared memory), then
+    stats from Abar [B, n, n]: output, keys and statistics as the reference's, no [B, h, n, n] array, and the
+    same bits on a second run. Masks with right padding and holes (the first unit too)."""
+    ids, mask, tt = batch(6)
+    mask = mask.astype(np.float32)
+    mask[1, 2] = mask[2, 0] = 0
+    x = np.random.default_rng(6).standard_normal((*ids.shape, CFG.hidden_size)).astype(np.float32)
+    sizes = mask * (1 + np.arange(ids.shape[1]) % 3)                # units of 1, 2, 3 tokens
+    log_size = np.log(np.maximum(sizes, 1e-30)).astype(np.float32) if proportional else None
+    p = params["layers"][0]["attn"]
+    seen = launches(monkeypatch, ops)
+    ops._ws.pop("probs", None)                                     # allocated by earlier tests
+    got = ops.attention(x, mask, log_size, **p, n_head=n_head, want_probs=False, want_stats=True)
+    assert [name for name, _ in seen if "attention" in name or name == "head_mean"] == ["attention_abar"]
+    assert no_probs_buffer(seen, ops), seen
+    want = reference.attention(x, mask, log_size, **p, n_head=n_head, want_stats=True)
+    assert got[1] is None
+    close(got[0], want[0])
+    close(got[3], want[3])
+    for name in want[2]:
+        close(got[2][name], want[2][name])
+    again = ops.attention(x, mask, log_size, **p, n_head=n_head, want_probs=False, want_stats=True)
+    assert np.array_equal(again[0], got[0]) and all(np.array_equal(again[2][k], got[2][k]) for k in got[2])
 
 
 def test_forward_full_with_hidden_states_and_attentions(ops, params):
@@ -255,6 +305,32 @@ def test_forward_fca_on_device_matches_reference(small, score, aggregate, monkey
         assert all(np.array_equal(g[k], w[k]) for k in w)
 
 
+@pytest.mark.parametrize("score, attentions", [("attention_received", False), ("random", False),
+                                               ("attention_received", True)])
+def test_forward_fca_layer_allocates_no_probs(small, score, attentions, monkeypatch):
+    """A full layer (0), then an FCA layer (1), decided on the device or (random) on the host: the FCA
+    layer runs attention_abar and no kernel sees or allocates [B, h, n, n], unless the attentions are
+    asked for (then attention writes them and head_mean averages them for stats)."""
+    from minifca.fca import sequence_keys
+    _, params = small
+    ops = kc.CudaOps(params)                                              # a fresh workspace
+    ids, mask, tt = small_batch()
+    fca, keys = FCAConfig(keep=0.5, score=score, start_layer=1, seed=2), sequence_keys(ids, mask)
+    seen = launches(monkeypatch, ops)
+    got = ops.bert_forward(params, CFG2, ids, mask, tt, fca=fca, keys=keys, output_attentions=attentions)
+    attn = [name for name, _ in seen if "attention" in name or name == "head_mean"]
+    if attentions:
+        assert attn == ["attention", "attention", "head_mean"]
+    else:
+        assert attn == ["attention", "attention_abar"] and no_probs_buffer(seen, ops), seen
+        assert [s for name, s in seen if name == "attention_abar"] == [[(16, 24), (2, 8), (2, 8), (16, 8), (2, 8, 8)]]
+    want = reference.bert_forward(params, CFG2, ids, mask, tt, fca=fca, keys=keys, output_attentions=attentions)
+    assert np.array_equal(got["mask"], want["mask"]) and got["mask"].shape[1] < ids.shape[1]
+    close(got["last_hidden_state"], want["last_hidden_state"])
+    for g, w in zip(got["attentions"] or [], want["attentions"] or []):
+        close(g, w)
+
+
 @pytest.mark.parametrize("fca", [FCAConfig(keep=[4, 3], score="random", seed=1),
                                  FCAConfig(keep=[5, 4], aggregate="similarity", clusters=2)],
                          ids=lambda f: f"{f.score}-{f.aggregate}")
@@ -301,10 +377,11 @@ def test_kernel_profile_accounts_for_the_forward(tmp_path):
                                      intermediate_size=12, vocab_size=60, max_position_embeddings=16)
     model = minifca.from_pretrained(folder, backend="cuda")
     ids = np.array([[2, 7, 9, 11, 4, 3], [2, 5, 6, 8, 3, 0]])
-    p = kernel_profile(model, ids, (ids > 0).astype(np.int64), FCAConfig(keep=0.5), repeats=1)
-    launched = [name for name in KERNEL_NAMES if name != "fca_norms"]  # fca_norms: hidden_norm's score only
+    p = kernel_profile(model, ids, (ids > 0).astype(np.int64), FCAConfig(keep=0.5, start_layer=1), repeats=1)
+    idle = ("fca_norms", "head_mean")             # hidden_norm's score only; Abar from probabilities only
+    launched = [name for name in KERNEL_NAMES if name not in idle]  # attention (layer 0), attention_abar (1)
     assert all(p["ms"][name] > 0 for name in launched + ["fca counts (host)"]), p
-    assert p["ms"]["fca_norms"] == p["ms"]["fca plan (host)"] == 0, p
+    assert all(p["ms"][name] == 0 for name in idle + ("fca plan (host)",)), p
     assert abs(sum(p["ms"].values()) - p["total_ms"]) < 1e-6 * p["total_ms"] + 1e-9
     assert model.ops.k.matmul_bias_act is kc.kernels(True, kc.DEFAULT_TILES).matmul_bias_act  # restored
 

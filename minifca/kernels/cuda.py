@@ -10,12 +10,23 @@ device between layers; only the outputs come back.
     matmul_bias_act   linear (+ activation of ffn)    BM x BN output tile, shared-memory tiles of A and W
     embed_gather      embeddings' word + pos + type   token
     add_ln            add_layer_norm / layer_norm     row
-    attention         attention's softmax(QK^T/sqrt d + bias) V   (batch, head, query)
-    stats             attention_stats                 thread per (batch, unit)
+    attention         attention's softmax(QK^T/sqrt d + bias) V   (query, head, batch); probs [B, h, n, n]
+                                                      written when asked for (output_attentions)
+    attention_abar    the same at an FCA layer        (query, batch): the heads in turn, summing the
+                      when no probs are asked for     head-averaged row Abar[b, i, :] in shared memory
+                                                      (one thread per key: fixed order, no atomics);
+                                                      writes Abar [B, n, n], never [B, h, n, n]
+    head_mean         probs.mean(1): Abar from probs  thread per (batch, query, key)
+    stats             attention_stats, from Abar      thread per (batch, unit)
     fca_norms         fca.hidden_norm (float64)       row
     fca_select        fca.reduce_batch's decisions    sequence: [CLS] + the k-1 best (ranks by counting),
                                                       groups, weights, sizes, log sizes -> a gather plan
     merge             fca.merge, reduce_batch's sums  output unit: copies and float64 weighted sums
+
+Both attention kernels call one device function, `attend_head` (a query row of one head: q load,
+masked logits plus the optional log-size bias, softmax, p V), so the attention is written once.
+At an FCA layer the statistics come from `attention_abar` + `stats`; only when the probabilities
+are wanted too does `attention` write them and `head_mean` average them for `stats`.
 
 FCA with the built-in per-unit rules (`fca.batchable`: attention_received, cls_attention,
 attention_entropy, hidden_norm x drop, mean, weighted, clusters) runs on the device: the host
@@ -230,21 +241,18 @@ def kernels(sim: bool, tiles: str = DEFAULT_TILES):
             v = x[row, c] + (r[row, c] if has_r else float32(0))
             out[row, c] = (v - mu) / den * g[c] + beta[c]
 
-    @cuda.jit
-    def attention(qkv, mask, log_size, has_ls, n_head, scale, ctx, probs, write_probs):
-        """One query row of one head: p = softmax(q K^T / scale + bias), ctx = p V.
+    @cuda.jit(device=True)
+    def attend_head(qkv, mask, log_size, has_ls, b, i, hd, d, scale, qs, p, buf, ctx):
+        """One query row i of head hd in sequence b: p = softmax(q K^T / scale + bias), ctx = p V.
 
-        qkv [B*n, 3H] (Q | K | V, heads side by side), mask/log_size [B, n], ctx [B*n, H],
-        probs [B, h, n, n] (written when write_probs).
+        The block's TPB threads share the work; qs [DMAX], p [MAXN], buf [TPB] are the caller's
+        shared arrays. On return p[:n] holds the probabilities (thread tid wrote p[j] for
+        j = tid, tid + TPB, ...), ctx[b*n + i, hd*d : hd*d + d] the context, and the block is
+        synchronised (p, qs and buf may be overwritten).
         """
-        i, hd, b = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
         tid = cuda.threadIdx.x
         n = mask.shape[1]
         H = ctx.shape[1]
-        d = H // n_head
-        qs = cuda.shared.array(DMAX, float32)
-        p = cuda.shared.array(MAXN, float32)
-        buf = cuda.shared.array(TPB, float32)
         row = b * n + i
         for t in range(tid, d, TPB):
             qs[t] = qkv[row, hd * d + t]
@@ -270,8 +278,6 @@ def kernels(sim: bool, tiles: str = DEFAULT_TILES):
         s = block_sum(s, buf)
         for j in range(tid, n, TPB):
             p[j] = p[j] / s
-            if write_probs:
-                probs[b, hd, i, j] = p[j]
         cuda.syncthreads()
         if d <= TPB:                                 # G groups of d threads split the keys
             G = TPB // d
@@ -293,32 +299,82 @@ def kernels(sim: bool, tiles: str = DEFAULT_TILES):
                 for j in range(n):
                     acc += p[j] * qkv[b * n + j, 2 * H + hd * d + t]
                 ctx[row, hd * d + t] = acc
+        cuda.syncthreads()                           # p and buf were read by every thread
 
     @cuda.jit
-    def stats(probs, mask, received, cls, entropy):
-        """reference.attention_stats for unit j of sequence b (one thread each)."""
+    def attention(qkv, mask, log_size, has_ls, n_head, scale, ctx, probs, write_probs):
+        """One query row of one head (block (i, head, b)): attend_head, p written to probs when write_probs.
+
+        qkv [B*n, 3H] (Q | K | V, heads side by side), mask/log_size [B, n], ctx [B*n, H],
+        probs [B, h, n, n] (written when write_probs).
+        """
+        i, hd, b = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
+        qs = cuda.shared.array(DMAX, float32)
+        p = cuda.shared.array(MAXN, float32)
+        buf = cuda.shared.array(TPB, float32)
+        attend_head(qkv, mask, log_size, has_ls, b, i, hd, ctx.shape[1] // n_head, scale, qs, p, buf, ctx)
+        if write_probs:
+            for j in range(cuda.threadIdx.x, mask.shape[1], TPB):
+                probs[b, hd, i, j] = p[j]
+
+    @cuda.jit
+    def attention_abar(qkv, mask, log_size, has_ls, n_head, scale, ctx, abar):
+        """One query row, every head (block (i, b)): attend_head for heads 0, 1, ..., h-1 in turn, and
+        the head-averaged row abar[b, i, :] = (sum over heads of p, in head order) / h, each j summed
+        by one thread in shared memory: the same bits every run, and no [B, h, n, n] probabilities.
+
+        qkv [B*n, 3H], mask/log_size [B, n], ctx [B*n, H], abar [B, n, n].
+        """
+        i, b = cuda.blockIdx.x, cuda.blockIdx.y
+        tid = cuda.threadIdx.x
+        n = mask.shape[1]
+        d = ctx.shape[1] // n_head
+        qs = cuda.shared.array(DMAX, float32)
+        p = cuda.shared.array(MAXN, float32)
+        buf = cuda.shared.array(TPB, float32)
+        acc = cuda.shared.array(MAXN, float32)       # the row's sum over heads; j owned by thread j % TPB
+        for j in range(tid, n, TPB):
+            acc[j] = 0
+        for hd in range(n_head):
+            attend_head(qkv, mask, log_size, has_ls, b, i, hd, d, scale, qs, p, buf, ctx)
+            for j in range(tid, n, TPB):             # the p[j] this thread wrote itself
+                acc[j] += p[j]
+        hf = float32(n_head)
+        for j in range(tid, n, TPB):
+            abar[b, i, j] = acc[j] / hf
+
+    @cuda.jit
+    def head_mean(probs, abar):
+        """abar[b, i, j] = (sum over heads of probs[b, :, i, j], in head order) / h: thread per (b, i, j)."""
         idx = cuda.grid(1)
         B, h, n, _ = probs.shape
+        if idx >= B * n * n:
+            return
+        b, i, j = idx // (n * n), idx // n % n, idx % n
+        a = float32(0)
+        for hd in range(h):
+            a += probs[b, hd, i, j]
+        abar[b, i, j] = a / float32(h)
+
+    @cuda.jit
+    def stats(abar, mask, received, cls, entropy):
+        """reference.attention_stats for unit j of sequence b (one thread each), from the head-averaged
+        attention abar [B, n, n]."""
+        idx = cuda.grid(1)
+        B, n, _ = abar.shape
         if idx >= B * n:
             return
         b, j = idx // n, idx % n
-        hf = float32(h)
         rec, ent = float32(0), float32(0)
         for i in range(n):
-            a = float32(0)
-            for hd in range(h):
-                a += probs[b, hd, i, j]
-            a = a / hf                               # Abar[i, j]
+            a = abar[b, i, j]                        # Abar[i, j]
             if mask[b, i] > 0:
                 rec += a
             if i == j:
                 rec -= a
             if i == 0:
                 cls[b, j] = a * mask[b, j]
-            a = float32(0)
-            for hd in range(h):
-                a += probs[b, hd, j, i]
-            a = a / hf                               # Abar[j, i]: unit j's own row
+            a = abar[b, j, i]                        # Abar[j, i]: unit j's own row
             ent -= a * math.log(max(a, float32(1e-30)))
         received[b, j] = rec * mask[b, j]
         entropy[b, j] = ent * mask[b, j]
@@ -455,7 +511,8 @@ def kernels(sim: bool, tiles: str = DEFAULT_TILES):
 
     return SimpleNamespace(cuda=cuda, BM=BM, BN=BN, TX=TX, TY=TY, TPB=TPB, MAXN=MAXN, DMAX=DMAX,
                            matmul_bias_act=matmul_bias_act, embed_gather=embed_gather, add_ln=add_ln,
-                           attention=attention, stats=stats, fca_norms=fca_norms, fca_select=fca_select,
+                           attention=attention, attention_abar=attention_abar,
+                           head_mean=head_mean, stats=stats, fca_norms=fca_norms, fca_select=fca_select,
                            merge=merge)
 
 
@@ -537,20 +594,32 @@ class CudaOps:
                                f"wide; got n={n}, head size {d}")
         qkv = self._linear(x, qkv_lin.w, qkv_lin.b, name="qkv")      # [B*n, 3H]
         ctx = self._buf("ctx", (B * n, H))                              # [B*n, H]
-        keep = want_probs or want_stats
-        probs = self._buf("probs", (B, n_head, n, n) if keep else (1, 1, 1, 1))
         mask_d = self._dev(mask)
         ls = self._dev(log_size) if log_size is not None else mask_d
-        scale = np.float32(np.sqrt(d))
-        k.attention[(n, n_head, B), k.TPB](qkv, mask_d, ls, log_size is not None, n_head, scale, ctx, probs, keep)
+        args = (qkv, mask_d, ls, log_size is not None, n_head, np.float32(np.sqrt(d)), ctx)
+        probs = abar = None
+        if want_stats and not want_probs:                               # an FCA layer: Abar only, h x smaller
+            abar = self._buf("abar", (B, n, n))                         # [B, n, n]
+            k.attention_abar[(n, B), k.TPB](*args, abar)
+        else:
+            probs = self._buf("probs", (B, n_head, n, n)) if want_probs else self._buf("no_probs", (1, 1, 1, 1))
+            k.attention[(n, n_head, B), k.TPB](*args, probs, want_probs)
+            if want_stats:
+                abar = self._head_mean(probs)                           # [B, h, n, n] -> [B, n, n]
         out = self._linear(ctx, o_lin.w, o_lin.b, name="attn_out")     # [B*n, H]
-        st = self._stats(probs, mask_d) if want_stats else None
-        return out, (probs if keep else None), st, qkv
+        st = self._stats(abar, mask_d) if want_stats else None
+        return out, probs, st, qkv
 
-    def _stats(self, probs, mask_d):                                    # [B, h, n, n] -> {name: [B, n]}
+    def _head_mean(self, probs):                                        # [B, h, n, n] -> [B, n, n]
         B, _, n, _ = probs.shape
+        abar = self._buf("abar", (B, n, n))
+        self.k.head_mean[(B * n * n + 127) // 128, 128](probs, abar)
+        return abar
+
+    def _stats(self, abar, mask_d):                                     # [B, n, n] -> {name: [B, n]}
+        B, n, _ = abar.shape
         st = {name: self._buf("stat_" + name, (B, n)) for name in ("received", "cls", "entropy")}
-        self.k.stats[(B * n + 127) // 128, 128](probs, mask_d, st["received"], st["cls"], st["entropy"])
+        self.k.stats[(B * n + 127) // 128, 128](abar, mask_d, st["received"], st["cls"], st["entropy"])
         return st
 
     def _merge(self, x, row_ptr, src, w, out):                          # [R, H] -> [R', H]
@@ -610,8 +679,8 @@ class CudaOps:
         return (out.copy_to_host().reshape(B, n, H), probs.copy_to_host() if want_probs else None,
                 None if st is None else {name: a.copy_to_host() for name, a in st.items()}, keys)
 
-    def attention_stats(self, probs, mask):
-        st = self._stats(self._up(probs), self._up(mask))
+    def attention_stats(self, probs, mask):                             # probs [B, h, n, n] -> {name: [B, n]}
+        st = self._stats(self._head_mean(self._up(probs)), self._up(mask))
         return {name: a.copy_to_host() for name, a in st.items()}
 
     def reduce_batch(self, s, x, sizes, valid, k, c, active, aggregate):

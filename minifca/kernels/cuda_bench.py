@@ -57,8 +57,10 @@ def bench_matmul(M, K, N, tiles, repeats=20) -> dict:
     return out
 
 
-KERNEL_NAMES = ("matmul_bias_act", "embed_gather", "add_ln", "attention", "stats", "fca_norms", "fca_select",
-                "merge")
+# attention: full layers (and probabilities); attention_abar: FCA layers (Abar only); head_mean: Abar from
+# probabilities, only at an FCA layer whose probabilities are asked for too
+KERNEL_NAMES = ("matmul_bias_act", "embed_gather", "add_ln", "attention", "attention_abar", "head_mean", "stats",
+                "fca_norms", "fca_select", "merge")
 HOST_FCA = {"fca counts (host)": "device_plan", "fca plan (host)": "reduce_plan"}  # label: function of kernels/cuda
 
 
