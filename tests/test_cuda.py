@@ -429,3 +429,30 @@ def test_nothing_imports_cuda_at_import_time():
         """)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_simulator_gives_every_thread_of_a_block_the_same_shared_array():
+    """Numba's simulator looks a shared array up by source line, then inserts it: unpatched, threads
+    interleaving there got arrays of their own (~4% of these trials), and kernels read memory their
+    block never wrote (rare wrong tiles and forwards). kernels() makes the look-up atomic."""
+    import sys
+    import threading
+    from numba.cuda.simulator import kernelapi
+    kc.kernels(True)                                                 # installs the fix
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)                                      # threads switch as often as they can
+    try:
+        for _ in range(400):
+            shared, got, start = kernelapi.FakeCUDAShared(0), [], threading.Barrier(8)
+
+            def thread():
+                start.wait()
+                got.append(shared.array((64,), np.float32))
+            threads = [threading.Thread(target=thread) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert len({id(a) for a in got}) == 1
+    finally:
+        sys.setswitchinterval(interval)

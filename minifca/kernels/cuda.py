@@ -92,6 +92,40 @@ def simulated() -> bool:
     return bool(config.ENABLE_CUDASIM)
 
 
+def _simulator_shared_arrays_atomic():
+    """Make Numba's simulator hand every thread of a block the same shared array, always.
+
+    The simulator runs a block's threads as Python threads and finds a shared array by the source
+    line that asks for it, with a look-up then an insert into a dict: two threads interleaving
+    there each get an array of their own, and the kernel then reads memory its block never wrote
+    (seen as a whole matmul tile wrong in ~1 of 60 launches with sys.setswitchinterval(1e-6), and
+    as a rare wrong forward in the test suite). Here the look-up and insert happen under a lock.
+    """
+    import sys
+    import threading
+    from numba.core import types
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+    cls = kernelapi.FakeCUDAShared
+    if getattr(cls, "_one_array_per_line", False):
+        return
+    plain, lock = cls.array, threading.Lock()
+
+    def array(self, shape, dtype):
+        if shape == 0:                                   # dynamic shared memory: one buffer already
+            return plain(self, shape, dtype)
+        caller = sys._getframe(1)
+        where = (caller.f_code.co_filename, caller.f_lineno)  # the simulator's own key
+        with lock:
+            res = self._allocations.get(where)
+            if res is None:
+                dt = numpy_support.as_dtype(dtype) if isinstance(dtype, types.Type) else dtype
+                res = self._allocations[where] = np.empty(shape, dt)
+        return res
+
+    cls.array, cls._one_array_per_line = array, True
+
+
 # ---------------------------------------------------------------- the kernels
 
 
@@ -110,6 +144,8 @@ def kernels(sim: bool, tiles: str = DEFAULT_TILES):
     """Compile-time tile sizes are closure constants: GPU-sized, or tiny under the simulator."""
     global cuda  # a module global: the simulator swaps it inside kernels for its fake module
     cuda = load_cuda()
+    if sim:
+        _simulator_shared_arrays_atomic()
     from numba import float32, float64, int32
     BM, BN, BK, TM, TN, CONTIG = TILES[tiles]
     if sim:
