@@ -418,9 +418,14 @@ def batch_plan(cfg, layer, n_tokens, valid) -> BatchPlan:
     c = np.zeros_like(m) if dropping else np.minimum(cfg.clusters if cfg.aggregate == "clusters" else 1, m)
     active = (m > 0) & (dropping | (c < m))                          # else each unit left would be its own coarse unit
     c = np.where(active, c, 0)
-    n_out = np.where(active, k + c, nv)
+    n_out = units_out(valid, k, c, active)
     n_merged = np.where(active & (not dropping), m, 0).astype(np.int64)
     return BatchPlan(k, c, active, nv, n_out, n_merged)
+
+
+def units_out(valid, k, c, active):
+    """[B] units each sequence leaves a reduction with: k fine + c coarse when active, else all its valid ones."""
+    return np.where(active, k, valid.sum(1)) + c
 
 
 def reduce_batch(s, x, sizes, valid, k, c, active, aggregate):
@@ -436,7 +441,7 @@ def reduce_batch(s, x, sizes, valid, k, c, active, aggregate):
     grouped = valid & ~fine & active[:, None] & (aggregate != "drop")  # [B, n] members of a coarse unit
     W, member = _coarse_weights(aggregate, s, sizes, grouped, c)     # [B, C, n] float64, bool
     n_keep = keep.sum(1)                                             # [B]
-    N = int((n_keep + c).max())
+    N = int(units_out(valid, k, c, active).max())
     new_x = np.zeros((B, N, H), x.dtype)
     new_sizes = np.zeros((B, N), sizes.dtype)
     bi, ji = np.nonzero(keep)

@@ -3,25 +3,14 @@ float64 sums (`_SUMS`), on 1 and 2 threads, at the row counts of batch 1 and bat
 both variants compiled here from the same Python function, alternating; best of 50 each.
 Usage: python scripts/ab_ln_sums.py
 """
-import time
-
 import numba as nb
 import numpy as np
 
 from minifca.kernels import cpu
+from _timing import best_ms
 
 plain = nb.njit(parallel=True)(cpu._add_layer_norm_rows.py_func)
 sums = nb.njit(parallel=True, fastmath=cpu._SUMS)(cpu._add_layer_norm_rows.py_func)
-
-
-def best_us(f, args, n=50):
-    f(*args)
-    best = float("inf")
-    for _ in range(n):
-        t = time.perf_counter()
-        f(*args)
-        best = min(best, time.perf_counter() - t)
-    return best * 1e6
 
 
 rng = np.random.default_rng(0)
@@ -31,7 +20,7 @@ for threads in (1, 2):
         x, r = rng.normal(size=(R, H)).astype(np.float32), rng.normal(size=(R, H)).astype(np.float32)
         g, b = rng.normal(size=H).astype(np.float32), rng.normal(size=H).astype(np.float32)
         outs = [np.empty_like(x), np.empty_like(x)]
-        t = [best_us(f, (x, r, g, b, np.float32(1e-12), o)) for f, o in zip((plain, sums), outs)]
+        t = [1e3 * best_ms(lambda: f(x, r, g, b, np.float32(1e-12), o), 50) for f, o in zip((plain, sums), outs)]
         diff = np.abs(outs[0] - outs[1]).max()
         print(f"{threads} thread(s), [{R}, {H}]: in order {t[0]:.1f} us, reassociated {t[1]:.1f} us "
               f"({t[0] / t[1]:.1f}x); max |difference| {diff:.1e}")

@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from minifca.kernels.cpu import _xwt
+from _timing import best_ms
 
 rng = np.random.default_rng(0)
 shapes = [(768, 768)] * 4 + [(3072, 768), (768, 3072)]
@@ -16,14 +17,7 @@ layers = [[rng.normal(size=s).astype(np.float32) for s in shapes] for _ in range
 
 def run(rows, distinct):
     xs = {k: rng.normal(size=(rows, k)).astype(np.float32) for k in (768, 3072)}
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        for layer in range(12):
-            for w in layers[layer if distinct else 0]:
-                _xwt(xs[w.shape[1]], w)
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
+    return best_ms(lambda: [_xwt(xs[w.shape[1]], w) for layer in range(12) for w in layers[layer if distinct else 0]], 5)
 
 
 for rows in (128, 64, 32):

@@ -47,7 +47,7 @@ from llvmlite import ir as llvm_ir
 from numba.core import types
 from numba.extending import intrinsic
 
-from .. import reference
+from .. import fca, reference
 from ..errors import ConfigError
 
 F32 = np.float32
@@ -358,40 +358,32 @@ def _reduce_rows(s, x, sizes, valid, k, c, active, agg, new_x, new_sizes):
     """
     B, n, H = x.shape
     for b_ in nb.prange(B):
-        if not active[b_]:                                           # copied as it is, valid units first
-            slot = 0
+        fine = valid[b_].copy()                                      # units copied as they are: every valid
+        m = 0                                                        # one, unless the sequence shrinks
+        if active[b_]:
+            first = -1                                               # [CLS]: the first valid unit
+            cand = np.empty(n, np.int64)                             # the other valid units, in order
             for j in range(n):
                 if valid[b_, j]:
-                    new_x[b_, slot, :] = x[b_, j, :]
-                    new_sizes[b_, slot] = sizes[b_, j]
-                    slot += 1
-            continue
-        first = -1                                                   # [CLS]: the first valid unit
-        m = 0
-        cand = np.empty(n, np.int64)                                 # the other valid units, in order
-        for j in range(n):
-            if valid[b_, j]:
-                if first < 0:
-                    first = j
-                else:
-                    cand[m] = j
-                    m += 1
-        neg = np.empty(m, np.float64)
-        for t in range(m):
-            neg[t] = -s[b_, cand[t]]
-        order = np.argsort(neg, kind="mergesort")                    # best first, earlier unit on ties
-        fine = np.zeros(n, np.bool_)
-        fine[first] = True
-        for t in range(k[b_] - 1):
-            fine[cand[order[t]]] = True
+                    if first < 0:
+                        first = j
+                    else:
+                        cand[m] = j
+                        m += 1
+            neg = np.empty(m, np.float64)
+            for t in range(m):
+                neg[t] = -s[b_, cand[t]]
+            order = np.argsort(neg, kind="mergesort")                # best first, earlier unit on ties
+            for t in range(k[b_] - 1, m):
+                fine[cand[order[t]]] = False                         # [CLS] + the k-1 best stay
         slot = 0
-        for j in range(n):                                           # fine units, in sequence order
+        for j in range(n):                                           # kept units, in sequence order
             if fine[j]:
                 new_x[b_, slot, :] = x[b_, j, :]
                 new_sizes[b_, slot] = sizes[b_, j]
                 slot += 1
         cb = c[b_]
-        if agg == 0 or cb == 0:                                      # drop: U is discarded
+        if not active[b_] or agg == 0 or cb == 0:                    # drop: U is discarded
             continue
         mu = m - (k[b_] - 1)                                         # |U|
         q, big = mu // cb, mu % cb                                   # chunk length; the first `big` one longer
@@ -431,8 +423,7 @@ def _reduce_rows(s, x, sizes, valid, k, c, active, agg, new_x, new_sizes):
 def reduce_batch(s, x, sizes, valid, k, c, active, aggregate):
     """fca.reduce_batch: the same units, order and sizes; coarse sums in float64 as there."""
     B, n, H = x.shape
-    n_keep = np.where(active, k, valid.sum(1))
-    N = int((n_keep + c).max())
+    N = int(fca.units_out(valid, k, c, active).max())
     new_x = np.zeros((B, N, H), x.dtype)
     new_sizes = np.zeros((B, N), sizes.dtype)
     _reduce_rows(np.ascontiguousarray(s, np.float64), np.ascontiguousarray(x), np.ascontiguousarray(sizes),

@@ -434,6 +434,16 @@ def kernels(sim: bool, tiles: str = DEFAULT_TILES):
         new_sizes[b, u] = v
         log_sizes[b, u] = math.log(max(v, float32(1e-30)))          # the next layer's proportional attention
 
+    @cuda.jit(device=True)
+    def chunk_start(g, q, big):
+        """np.array_split of m = c*q + big members into c chunks (the first `big` one longer): chunk g's first."""
+        return g * (q + 1) if g < big else big * (q + 1) + (g - big) * q
+
+    @cuda.jit(device=True)
+    def chunk_of(r, q, big):
+        """The chunk member r falls in (the inverse of chunk_start)."""
+        return r // (q + 1) if r < big * (q + 1) else big + (r - big * (q + 1)) // max(q, 1)
+
     @cuda.jit
     def fca_select(s, mask, sizes, plan, agg, lo, hi, src, w, new_sizes, log_sizes):
         """fca.reduce_batch's decisions for sequence b (one block each), as a gather plan for `merge`.
@@ -500,8 +510,7 @@ def kernels(sim: bool, tiles: str = DEFAULT_TILES):
         cb = max(cg, 1)
         q, big = m // cb, m % cb                    # np.array_split: the first `big` chunks are q + 1 long
         for g in range(tid, cg, TPB):               # one thread per coarse unit, its members in order
-            g0 = g * (q + 1) if g < big else big * (q + 1) + (g - big) * q
-            g1 = g0 + q + (1 if g < big else 0)
+            g0, g1 = chunk_start(g, q, big), chunk_start(g + 1, q, big)
             lo[b * N + n_keep + g] = base + n_keep + g0
             hi[b * N + n_keep + g] = base + n_keep + g1
             total = float32(0)
@@ -513,7 +522,7 @@ def kernels(sim: bool, tiles: str = DEFAULT_TILES):
             gval[g] = total if agg == 1 else top
         cuda.syncthreads()
         for r in range(tid, m if cg > 0 else 0, TPB):  # each member: its group, its weight (or exp)
-            g = r // (q + 1) if r < big * (q + 1) else big + (r - big * (q + 1)) // max(q, 1)
+            g = chunk_of(r, q, big)
             if agg == 1:
                 w[base + n_keep + r] = float32(sizes[b, memb[r]]) / float32(gval[g])
             else:
@@ -521,15 +530,13 @@ def kernels(sim: bool, tiles: str = DEFAULT_TILES):
         cuda.syncthreads()
         if agg == 2:
             for g in range(tid, cg, TPB):           # softmax denominators, summed in member order
-                g0 = g * (q + 1) if g < big else big * (q + 1) + (g - big) * q
                 tot = float64(0)
-                for r in range(g0, g0 + q + (1 if g < big else 0)):
+                for r in range(chunk_start(g, q, big), chunk_start(g + 1, q, big)):
                     tot += e[r]
                 gval[g] = tot
             cuda.syncthreads()
             for r in range(tid, m if cg > 0 else 0, TPB):
-                g = r // (q + 1) if r < big * (q + 1) else big + (r - big * (q + 1)) // max(q, 1)
-                w[base + n_keep + r] = e[r] / gval[g]
+                w[base + n_keep + r] = e[r] / gval[chunk_of(r, q, big)]
         for u in range(n_keep + cg + tid, N, TPB):  # padding: no entries, size 0
             lo[b * N + u] = 0
             hi[b * N + u] = 0
@@ -727,8 +734,7 @@ class CudaOps:
         B, n, H = x.shape
         valid, sizes = np.asarray(valid, bool), np.asarray(sizes)
         k, c, active = (np.asarray(a).astype(np.int64) for a in (k, c, active))
-        nv = valid.sum(1)
-        N = int((np.where(active > 0, np.minimum(k, nv), nv) + c).max()) if B else 0  # as fca.reduce_batch
+        N = int(fca_mod.units_out(valid, k, c, active > 0).max()) if B else 0
         plan = SimpleNamespace(k=k, c=c, active=active)
         new_x, new_sizes, log_sizes = (self._buf("rb_x", (B * N, H)), self._buf("rb_sizes", (B, N)),
                                        self._buf("rb_log_sizes", (B, N)))
