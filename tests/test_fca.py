@@ -13,7 +13,7 @@ from minifca import fca as F
 from minifca.cli import main
 from minifca.errors import ConfigError
 
-from conftest import write_random_checkpoint
+from conftest import assert_f32_close, model_bound, write_random_checkpoint
 
 LAYERS = 3
 MERGING = ["mean", "weighted", "clusters", "similarity"]
@@ -70,8 +70,8 @@ def test_keep_one_is_the_plain_forward(tiny, score, aggregate, proportional):
     plain = tiny.forward(ids, mask, tt)
     for keep in (1.0, [1.0] * LAYERS):
         out = tiny.forward(ids, mask, tt, fca=cfg_for(score, aggregate, keep=keep, proportional_attention=proportional))
-        assert np.abs(out.last_hidden_state - plain.last_hidden_state).max() <= 1e-6
-        assert np.abs(out.logits - plain.logits).max() <= 1e-6
+        assert np.abs(out.last_hidden_state - plain.last_hidden_state).max() <= model_bound(plain.last_hidden_state, tiny.config)
+        assert np.abs(out.logits - plain.logits).max() <= model_bound(plain.logits, tiny.config, extra_depth=2)
         np.testing.assert_array_equal(out.mask, plain.mask)
         np.testing.assert_array_equal(out.sizes, mask)
         assert out.flops == out.flops_full == plain.flops
@@ -150,7 +150,8 @@ def test_drop_at_the_last_layer_matches_the_plain_forward(tiny):
         k = int(np.ceil(0.5 * n))
         kept = np.sort(np.concatenate([[0], 1 + np.argsort(-received[1:], kind="stable")[:k - 1]]))
         assert out.mask[b].sum() == k
-        np.testing.assert_allclose(out.last_hidden_state[b, :k], plain.last_hidden_state[b, kept], atol=1e-5)
+        want = plain.last_hidden_state[b, kept]
+        np.testing.assert_allclose(out.last_hidden_state[b, :k], want, rtol=0, atol=model_bound(want, tiny.config))
 
 
 def test_proportional_attention_changes_later_layers_only(tiny):
@@ -182,14 +183,17 @@ def test_alone_equals_in_a_padded_batch(tiny, score, aggregate, schedule):
         alone = tiny.forward(ids[b:b + 1, :n], mask[b:b + 1, :n], tt[b:b + 1, :n], fca=cfg, trace=True)
         u = int(alone.mask.sum())
         assert int(together.mask[b].sum()) == u
-        np.testing.assert_allclose(together.last_hidden_state[b, :u], alone.last_hidden_state[0, :u], atol=1e-5)
-        np.testing.assert_allclose(together.logits[b], alone.logits[0], atol=1e-5)
+        want = alone.last_hidden_state[0, :u]          # padding changes the BLAS blocking, not the math
+        np.testing.assert_allclose(together.last_hidden_state[b, :u], want, rtol=0, atol=model_bound(want, tiny.config))
+        want = alone.logits[0]
+        np.testing.assert_allclose(together.logits[b], want, rtol=0, atol=model_bound(want, tiny.config, extra_depth=2))
         np.testing.assert_array_equal(together.sizes[b, :u], alone.sizes[0, :u])
         assert together.flops_per_sequence[b] == alone.flops
         for units, units_alone in zip([L[b] for L in together.trace], [L[0] for L in alone.trace]):
             assert [(u["kind"], u["tokens"]) for u in units] == [(u["kind"], u["tokens"]) for u in units_alone]
-            np.testing.assert_allclose(sum((u["weights"] for u in units), []),
-                                       sum((u["weights"] for u in units_alone), []), atol=1e-5)
+            want = sum((u["weights"] for u in units_alone), [])   # softmax weights of scores made by the layers below
+            assert_f32_close(sum((u["weights"] for u in units), []), want, depth=LAYERS + 1,
+                             width=max(tiny.config.hidden_size, tiny.config.intermediate_size), what="merge weights")
 
 
 # ---------------------------------------------------------------- aggregation rules, directly

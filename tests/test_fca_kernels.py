@@ -13,6 +13,8 @@ import minifca
 from minifca import fca as F
 from minifca.kernels import cpu
 
+from conftest import f32_bound, model_bound
+
 AGGREGATES = ["drop", "mean", "weighted", "clusters"]
 
 
@@ -47,7 +49,8 @@ def test_reduce_batch_matches_the_reference(batch):
     assert got_x.shape == want_x.shape and got_x.dtype == want_x.dtype == np.float32
     assert got_sizes.dtype == want_sizes.dtype
     np.testing.assert_array_equal(got_sizes, want_sizes)             # same units picked, same sizes
-    assert np.abs(got_x - want_x).max(initial=0) <= 1e-6
+    # the coarse units are one weighted sum over <= n members (float64 in both, rounded to float32)
+    assert np.abs(got_x - want_x).max(initial=0) <= f32_bound(want_x, depth=1, width=max(1, x.shape[1]))
     fine = got_x[:, :, None, :] == x[:, None, :, :]                  # fine units are exact copies
     n_keep = np.where(plan.active, plan.k, plan.n_in)
     for b in range(len(x)):
@@ -82,7 +85,11 @@ def test_numba_backend_uses_the_compiled_reduction(tmp_path, monkeypatch):
     ref = minifca.from_pretrained(folder, backend="numpy").forward(ids, fca=fca)
     assert len(calls) == 2
     np.testing.assert_array_equal(fast.sizes, ref.sizes)
-    assert np.abs(fast.last_hidden_state - ref.last_hidden_state).max() <= 1e-5
+    assert np.abs(fast.last_hidden_state - ref.last_hidden_state).max() <= model_bound(ref.last_hidden_state, ref_model_config(folder))
+
+
+def ref_model_config(folder):
+    return minifca.from_pretrained(folder, backend="numpy").config
 
 
 @pytest.mark.parametrize("aggregate", AGGREGATES)

@@ -11,9 +11,11 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import minifca
-from conftest import SST2_DEV, read_sst2, torch_reference, write_random_checkpoint
+from conftest import SST2_DEV, model_bound, read_sst2, torch_reference, write_random_checkpoint
 
 BACKENDS = ["numpy", "numba"]
+# Against transformers (another float32 implementation): 1e-4 absolute on O(1)-O(10) values leaves ~25x
+# margin over the largest difference measured (MiniLM 3.9e-6, SST-2 logits 6.9e-6; scripts/parity_report.py).
 ATOL = 1e-4
 
 SENTENCES = [
@@ -128,7 +130,8 @@ def test_minilm_embed_in_small_batches_equals_one_batch(minilm_path):
     """model.embed in batches of 5 gives the embeddings of one big padded batch (padding never leaks)."""
     model = minifca.from_pretrained(minilm_path)
     one = model(model.tokenize(SENTENCES)).embeddings
-    np.testing.assert_allclose(model.embed(SENTENCES, batch_size=5), one, atol=1e-5)
+    np.testing.assert_allclose(model.embed(SENTENCES, batch_size=5), one, rtol=0,
+                               atol=model_bound(one, model.config, extra_depth=1))   # + the mean pooling
 
 
 # ---------------------------------------------------------------- the SST-2 fine-tune
