@@ -18,8 +18,9 @@ SST2_TRAIN = SHARED / "data" / "sst2" / "train.tsv"
 # tests draw fresh examples every run (pass --hypothesis-seed=N to replay one).
 settings.register_profile("ci", deadline=None, max_examples=15, derandomize=True, database=None,
                           print_blob=True)
-settings.register_profile("dev", deadline=None, max_examples=15, print_blob=True)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+settings.register_profile("dev", deadline=None, max_examples=15, database=None, print_blob=True)
+IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if IN_CI else "dev"))
 
 EPS32 = float(np.finfo(np.float32).eps)   # 2**-23, twice float32's unit roundoff u
 
