@@ -79,6 +79,11 @@ class Tokenizer:
         Longer than max_length (default: max_position_embeddings) is an InputError unless
         truncation is asked for (`truncation=True`, or giving `max_length` implies it).
         """
+        return self.pad(self.encode(texts, pairs, max_length, truncation))
+
+    def encode(self, texts, pairs=None, max_length: int | None = None, truncation: bool | None = None) -> list:
+        """The unpadded encodings (`tokenizers.Encoding`: .ids, .type_ids, .tokens) of each text (pair),
+        checked as `__call__` checks them. `pad` turns any selection of them into a batch."""
         if isinstance(texts, str):
             texts = [texts]
         if isinstance(pairs, str):
@@ -111,7 +116,11 @@ class Tokenizer:
             i = too_long[0]
             raise InputError(f"input {i} has {lengths[i]} tokens, more than the limit {limit} "
                              f"(max_position_embeddings or max_length); pass truncation=True (Python) or --max-length N (command line) to cut it")
-        L = max(lengths)
+        return batch
+
+    def pad(self, batch: list, tokens: bool = True) -> Encoding:
+        """A list of `encode`'s encodings as one batch padded to its longest (tokens: keep the token strings)."""
+        L = max(len(e.ids) for e in batch)
         B = len(batch)
         ids = np.full((B, L), self.pad_id, dtype=np.int64)
         mask = np.zeros((B, L), dtype=np.int64)
@@ -119,4 +128,4 @@ class Tokenizer:
         for b, e in enumerate(batch):
             n = len(e.ids)
             ids[b, :n], mask[b, :n], tt[b, :n] = e.ids, 1, e.type_ids
-        return Encoding(ids, mask, tt, [list(e.tokens) for e in batch])
+        return Encoding(ids, mask, tt, [list(e.tokens) for e in batch] if tokens else None)

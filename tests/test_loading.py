@@ -41,6 +41,7 @@ def link_folder(src: Path, dst: Path, names) -> Path:
     """A checkpoint folder made of symlinks to some files of `src` (no copy of the weights)."""
     dst.mkdir(parents=True, exist_ok=True)
     for n in names:
+        (dst / n).parent.mkdir(parents=True, exist_ok=True)
         (dst / n).symlink_to(src / n)
     return dst
 
@@ -192,7 +193,8 @@ def offline_cache(tmp_path, monkeypatch):
 
 
 def test_hub_id_from_local_cache_offline(offline_cache, minilm_path):
-    files = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+    files = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+             "modules.json", "sentence_bert_config.json", "1_Pooling/config.json"]
     rev = fake_hub_cache(offline_cache, "sentence-transformers/all-MiniLM-L6-v2", minilm_path, files)
     model = minifca.from_pretrained("sentence-transformers/all-MiniLM-L6-v2", backend="numpy")
     assert model.path.name == rev and offline_cache in model.path.parents

@@ -1,0 +1,225 @@
+"""Model.embed / Model.classify on mixed-length text: sorted batches, input order, sentence-transformers' files."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import minifca
+from conftest import EPS32, SST2_TRAIN, assert_f32_close, model_bound, read_sst2
+from minifca.errors import ConfigError, InputError
+
+@pytest.fixture(scope="module")
+def minilm(minilm_path):
+    return minifca.from_pretrained(minilm_path)
+
+
+@pytest.fixture(scope="module")
+def sst2(sst2_path):
+    return minifca.from_pretrained(sst2_path)
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    """40 SST-2 sentences of 3 to 60 tokens, in the file's order (mixed lengths)."""
+    return read_sst2(SST2_TRAIN, limit=40)[0]
+
+
+def assert_forward_close(got, ref, cfg, extra_depth=1):
+    """Two float32 forwards of the same texts in other batches/orders (conftest.model_bound), + the pooling."""
+    diff = float(np.abs(np.asarray(got, np.float64) - ref).max())
+    assert diff <= model_bound(ref, cfg, extra_depth), (diff, model_bound(ref, cfg, extra_depth))
+
+
+def variant(src, tmp_path, modules=None, pooling=None, sentence=None):
+    """A copy of a sentence-transformers folder (weights linked, not copied) with its JSON files replaced."""
+    dst = tmp_path / "variant"
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.is_file() and f.name not in ("modules.json", "sentence_bert_config.json"):
+            (dst / f.name).symlink_to(f)
+    shutil.copytree(src / "1_Pooling", dst / "1_Pooling")
+    default = json.loads((src / "modules.json").read_text())
+    (dst / "modules.json").write_text(json.dumps(default if modules is None else modules))
+    (dst / "sentence_bert_config.json").write_text(json.dumps(
+        sentence or json.loads((src / "sentence_bert_config.json").read_text())))
+    if pooling is not None:
+        (dst / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    return dst
+
+
+def modules(*kinds):
+    paths = {"Transformer": "", "Pooling": "1_Pooling", "Normalize": "2_Normalize", "Dense": "2_Dense"}
+    return [{"idx": i, "name": str(i), "path": paths[k], "type": f"sentence_transformers.models.{k}"}
+            for i, k in enumerate(kinds)]
+
+
+# ---------------------------------------------------------------- sorted batches, input order
+
+
+def test_sorted_batches_give_one_at_a_time_vectors_in_input_order(minilm, mixed):
+    got = minilm.embed(mixed, batch_size=8, normalize=False)                       # [40, H], sorted batches
+    alone = np.stack([minilm.embed(t, normalize=False) for t in mixed])           # each sentence by itself
+    assert_forward_close(got, alone, minilm.config)
+    perm = np.random.default_rng(0).permutation(len(mixed))
+    again = minilm.embed([mixed[i] for i in perm], batch_size=8, normalize=False)  # another order, other batches
+    assert_forward_close(again, alone[perm], minilm.config)
+
+
+def test_classify_keeps_input_order(sst2, mixed):
+    got = sst2.classify(mixed, batch_size=8)
+    for text, (label, p) in zip(mixed, got):
+        label1, p1 = sst2.classify(text)                                          # a single string: one tuple
+        assert label == label1
+        assert_forward_close(p, p1, sst2.config, extra_depth=2)  # pooler, classifier
+
+
+def test_batches_cover_every_text_once_longest_first(minilm, mixed):
+    seen, lengths = [], []
+    for rows, enc in minilm.batches(mixed, batch_size=8):
+        assert len(rows) <= 8 and enc.attention_mask.shape[0] == len(rows)
+        n = enc.attention_mask.sum(1)
+        assert n.max() == enc.attention_mask.shape[1]                           # padded to its own longest only
+        np.testing.assert_array_equal(n, [len(minilm.tokenize(mixed[r]).input_ids[0]) for r in rows])
+        seen += list(rows)
+        lengths += list(n)
+    assert sorted(seen) == list(range(len(mixed)))
+    assert lengths == sorted(lengths, reverse=True)
+
+
+def test_sorting_drops_the_padding_computed():
+    """Tokens computed (batch x padded length) over real tokens, 2,000 SST-2 train sentences, batches of 32."""
+    model = minifca.from_pretrained(minifca.default_model_path(), backend="numpy")
+    texts = read_sst2(SST2_TRAIN, limit=2000)[0]
+    real = sum(len(e.ids) for e in model.tokenizer.encode(texts))
+    given = sum(model.tokenize(texts[i:i + 32]).attention_mask.size for i in range(0, len(texts), 32))
+    computed = sum(enc.attention_mask.size for _, enc in model.batches(texts, batch_size=32))
+    assert given > 2 * real                                  # the file's order: most of the work is padding
+    assert computed < 1.05 * real                            # sorted: nearly none
+
+
+def test_single_string_gives_a_vector(minilm):
+    v = minilm.embed("one sentence")
+    assert v.shape == (minilm.config.hidden_size,) and v.dtype == np.float32
+    np.testing.assert_array_equal(v, minilm.embed(["one sentence"])[0])
+
+
+def test_progress_bar_on_stderr(minilm, mixed, capsys):
+    minilm.embed(mixed[:5], show_progress_bar=True)
+    err = capsys.readouterr().err
+    assert "embed:" in err and "/5 [" in err                     # the bar, counting 5 texts
+    minilm.embed(mixed[:5])
+    assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------- sentence-transformers' files
+
+
+def test_shipped_minilm_files_are_read(minilm):
+    s = minilm.sentence
+    assert (s.pooling, s.normalize, s.max_seq_length, s.unsupported) == ("mean", True, 256, ())
+
+
+def test_normalize_module_honoured(minilm, mixed, minilm_path, tmp_path):
+    unit = minilm.embed(mixed[:6])
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1, rtol=2 * unit.shape[1] * EPS32)  # a norm: one H-term sum
+    raw = minilm.embed(mixed[:6], normalize_embeddings=False)
+    assert np.abs(np.linalg.norm(raw, axis=1) - 1).min() > 0.1   # mean-pooled vectors are not unit length
+    out = minilm(minilm.tokenize(mixed[:6]))
+    assert_forward_close(raw, out.embeddings, minilm.config)
+    assert_f32_close(unit, raw / np.linalg.norm(raw, axis=1, keepdims=True), 2, raw.shape[1])  # norm, divide
+    plain = minifca.from_pretrained(variant(minilm_path, tmp_path, modules("Transformer", "Pooling")))
+    assert_forward_close(plain.embed(mixed[:6]), raw, minilm.config)
+
+
+def test_same_as_transformers_mean_pool_and_normalize(minilm_path, mixed):
+    """What sentence-transformers' encode computes for this checkpoint, written out in torch."""
+    import torch
+    import transformers
+    tok = transformers.AutoTokenizer.from_pretrained(str(minilm_path))
+    tm = transformers.AutoModel.from_pretrained(str(minilm_path), attn_implementation="eager").eval()
+    enc = tok(mixed[:8], padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        h = tm(**enc).last_hidden_state
+    m = enc["attention_mask"][..., None].float()
+    ref = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=1).numpy()
+    model = minifca.from_pretrained(minilm_path)
+    assert_forward_close(model.embed(mixed[:8]), ref, model.config, extra_depth=2)  # pool, normalize
+
+
+def test_max_seq_length_honoured(minilm_path, tmp_path):
+    model = minifca.from_pretrained(variant(minilm_path, tmp_path, sentence={"max_seq_length": 8}))
+    text = "a sentence that is a good deal longer than eight word pieces , to be cut"
+    assert len(model.tokenize(text).input_ids[0]) > 8
+    cut = model.tokenize(text, max_length=8)
+    ref = model(cut).embeddings[0]
+    ref = ref / np.linalg.norm(ref)
+    assert_forward_close(model.embed(text), ref, model.config, extra_depth=2)
+    longer = model.embed(text, max_length=12)                   # an explicit max_length wins
+    assert np.abs(longer - ref).max() > 1e-3
+
+
+def test_long_text_is_truncated_at_256_like_encode(minilm):
+    text = " ".join(["word"] * 600)
+    ref = minilm(minilm.tokenize(text, max_length=256)).embeddings[0]
+    assert_forward_close(minilm.embed(text), ref / np.linalg.norm(ref), minilm.config, extra_depth=2)
+    with pytest.raises(InputError, match="600|602|limit"):
+        minilm.embed(text, truncation=False)
+
+
+def test_cls_pooling_honoured(minilm_path, tmp_path, mixed):
+    model = minifca.from_pretrained(variant(minilm_path, tmp_path, pooling={
+        "word_embedding_dimension": 384, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+    assert model.sentence.pooling == "cls"
+    out = model(model.tokenize(mixed[:4]))
+    ref = out.last_hidden_state[:, 0] / np.linalg.norm(out.last_hidden_state[:, 0], axis=1, keepdims=True)
+    assert_forward_close(model.embed(mixed[:4]), ref, model.config, extra_depth=2)
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"pooling": {"pooling_mode_max_tokens": True}}, "pooling_mode_max_tokens"),
+    ({"pooling": {"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": True}}, "pooling_mode_cls_token"),
+    ({"modules": modules("Transformer", "Pooling", "Dense", "Normalize")}, "sentence_transformers.models.Dense"),
+])
+def test_unimplemented_modules_refused_by_name(minilm_path, tmp_path, change, named):
+    model = minifca.from_pretrained(variant(minilm_path, tmp_path, **change))
+    with pytest.raises(ConfigError, match=named):
+        model.embed("a sentence")
+    assert model(model.tokenize("a sentence")).last_hidden_state.shape[0] == 1  # the forward still runs
+
+
+def test_broken_modules_json_names_the_file(minilm_path, tmp_path):
+    folder = variant(minilm_path, tmp_path)
+    (folder / "modules.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="modules.json"):
+        minifca.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------- encode's keyword names
+
+
+def test_encode_keywords(minilm, mixed):
+    a = minilm.embed(mixed[:3], batch_size=2, show_progress_bar=False, normalize_embeddings=True,
+                     convert_to_numpy=True)
+    np.testing.assert_array_equal(a, minilm.embed(mixed[:3], batch_size=2, normalize=True))
+    listed = minilm.embed(mixed[:3], batch_size=2, convert_to_numpy=False)
+    assert isinstance(listed, list) and [v.shape for v in listed] == [(384,)] * 3
+    np.testing.assert_array_equal(np.stack(listed), a)
+    with pytest.raises(InputError, match="torch.from_numpy"):
+        minilm.embed(mixed[:3], convert_to_tensor=True)
+    with pytest.raises(InputError, match="normalize_embeddings"):
+        minilm.embed(mixed[:3], normalize=True, normalize_embeddings=False)
+    with pytest.raises(InputError, match="batch_size"):
+        minilm.embed(mixed[:3], batch_size=0)
+
+
+def test_hub_download_fetches_the_sentence_files():
+    from huggingface_hub.utils import filter_repo_objects
+    from minifca.model import NEEDED_FILES
+    repo = ["modules.json", "sentence_bert_config.json", "1_Pooling/config.json", "config.json", "model.safetensors",
+            "pytorch_model.bin", "onnx/model.onnx", "README.md", "tokenizer.json"]
+    got = set(filter_repo_objects(repo, allow_patterns=NEEDED_FILES))
+    assert got == {"modules.json", "sentence_bert_config.json", "1_Pooling/config.json", "config.json",
+                   "model.safetensors", "tokenizer.json"}
