@@ -25,7 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+from . import fca as fca_mod
+from .config import BertConfig
 from .errors import InputError
+from .fca import FCAConfig
+from .flops import head_flops, model_flops
+from .model import from_pretrained
 
 MODELS = {"bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
           "minilm-l6": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)}
@@ -115,8 +120,7 @@ def _runner(engine, folder, threads):
     """A function (B, L) -> callable that runs one forward of `engine` on random ids."""
     vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
     if engine in ("numba", "numpy"):
-        import minifca
-        model = minifca.from_pretrained(folder, backend=engine)
+        model = from_pretrained(folder, backend=engine)
 
         def make(B, L, fca=None):
             ids = random_ids(B, L, vocab)
@@ -154,7 +158,6 @@ def _runner(engine, folder, threads):
 
 def fca_keep_for(model, L, target):
     """The smallest uniform keep count k (keep = k / L) whose FLOPs ratio is still >= target."""
-    from .fca import FCAConfig
     ids = random_ids(1, L, model.config.vocab_size)
 
     def ratio(k):
@@ -178,7 +181,6 @@ def worker(spec):
         ms = median_ms(make(B, L), spec["runs"])
         row = {"ms": ms}
         if model is not None and spec.get("fca"):
-            from .fca import FCAConfig
             for name, target in spec["fca"].items():
                 keep, fl = fca_keep_for(model, L, target)
                 row[f"fca_{name}"] = {"keep": keep, "flops_ratio": fl,
@@ -196,8 +198,6 @@ PROFILED = {"embeddings": "embeddings", "_linear": "linear (Q, K, V, O, FFN out;
 def profile_worker(spec):
     """Where the numba forward's time goes: wall ms per op per forward (medians of `runs`), by wrapping
     the module functions `bert_forward` calls; `ffn` includes its output linear and its bias + activation."""
-    from . import fca as fca_mod
-    from .fca import FCAConfig
     from .kernels import cpu
     make, model = _runner("numba", spec["folder"], spec["threads"])
     spent = {}
@@ -239,11 +239,11 @@ def peak_rss_bytes():
 
 
 def rss_worker(spec):
-    import minifca
+    import minifca  # noqa: F401  (the package's import cost is part of what is measured)
     if spec["engine"] == "numba":
         import minifca.kernels.cpu  # noqa: F401  (Numba itself is part of the import cost)
     base = peak_rss_bytes()
-    model = minifca.from_pretrained(spec["folder"], backend=spec["engine"])
+    model = from_pretrained(spec["folder"], backend=spec["engine"])
     B, L = spec["shape"]
     model.forward(random_ids(B, L, model.config.vocab_size))
     return {"rss_after_imports": base, "peak_rss": peak_rss_bytes()}
@@ -284,8 +284,6 @@ def importable(name):
 
 def run_bench(backends=("numba", "numpy"), quick=False, runs=None, threads=None, root="weights/bench",
               first_output_model=None, profile=False):
-    from .config import BertConfig
-    from .flops import head_flops, model_flops
     threads = threads or os.cpu_count()
     runs = runs or (2 if quick else 5)
     models, shapes = (QUICK_MODELS, QUICK_SHAPES) if quick else (MODELS, SHAPES)
@@ -382,44 +380,6 @@ def print_report(res):
     if res.get("first_output_seconds") is not None:
         print(f"\ntime to first output (minifca run, all-MiniLM-L6-v2, fresh process, warm cache): "
               f"{res['first_output_seconds']:.2f} s")
-
-
-def cmd_bench(args):
-    if "cuda" in args.backends:                 # the GPU benchmark lives with the CUDA kernels
-        from .kernels import cuda_bench
-        res = cuda_bench.run_bench_cuda(QUICK_MODELS if args.quick else MODELS, QUICK_SHAPES if args.quick else SHAPES,
-                                        runs=args.runs or (2 if args.quick else 20), fca_targets=FCA_TARGETS,
-                                        root=args.weights)
-        if args.json:
-            print(json.dumps(res, indent=2))
-        else:
-            cuda_bench.print_bench_cuda(res)
-        args.backends = [b for b in args.backends if b != "cuda"]
-        if not args.backends:
-            return
-    res = run_bench(backends=args.backends, quick=args.quick, runs=args.runs, threads=args.threads,
-                    root=args.weights, first_output_model=args.model, profile=args.profile)
-    if args.json:
-        print(json.dumps(res, indent=2))
-    else:
-        print_report(res)
-
-
-def register(subparsers, parents):
-    from .cli import int_at_least
-    p = subparsers.add_parser("bench", help="time our backends beside torch and ONNX Runtime (CPU), with FCA",
-                              description=__doc__.split("\n\n")[1] if "\n\n" in __doc__ else None,
-                              formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("--backend", dest="backends", nargs="+", default=["numba", "numpy"], choices=["numba", "numpy", "cuda"],
-                   help="our backends to time (default: numba numpy); cuda = numba.cuda vs torch CUDA on a GPU")
-    p.add_argument("--quick", action="store_true", help="a tiny random model at tiny shapes (a smoke test)")
-    p.add_argument("--runs", type=int_at_least(1), default=None, help="timed runs per case after warm-up (default 5; 2 with --quick)")
-    p.add_argument("--threads", type=int_at_least(1), default=None, help="threads for every engine (default: all cores)")
-    p.add_argument("--weights", default="weights/bench", help="where the random checkpoints go (default weights/bench)")
-    p.add_argument("--model", default=None, help="checkpoint for the time-to-first-output test (default all-MiniLM-L6-v2)")
-    p.add_argument("--profile", action="store_true", help="also time each op of the numba forward (ms per forward)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_bench)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ provides the compute functions below under the same names: this module for the r
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 NEG = np.float32(np.finfo(np.float32).min)  # additive mask for padding keys, as transformers uses
@@ -155,7 +157,7 @@ def bert_forward(params, cfg, ids, mask, tt, fca=None, ops=None, keys=None,
     counts for FLOPs), trace.
     """
     from . import fca as fca_mod
-    ops = ops or __import__(__name__, fromlist=["_"])
+    ops = ops or sys.modules[__name__]                               # this module: the NumPy ops
     eps, n_head, act = cfg.layer_norm_eps, cfg.num_attention_heads, cfg.hidden_act
     mask = (np.asarray(mask) > 0).astype(np.float32)                 # [B, L]
     x = ops.embeddings(ids, tt, **params["embeddings"], eps=eps)     # [B, L, H]

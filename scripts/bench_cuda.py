@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import minifca  # noqa: E402
 from minifca.fca import FCAConfig  # noqa: E402
 from minifca.kernels import cuda as cuda_mod  # noqa: E402
-from minifca.kernels.cuda_bench import bench_cuda, bench_matmul, format_rows, kernel_profile, parity  # noqa: E402
+from minifca.bench_cuda import bench_cuda, bench_matmul, format_rows, kernel_profile, parity  # noqa: E402
 
 PARITY_RULES = [None, FCAConfig(keep=0.5), FCAConfig(keep=0.3, score="cls_attention", aggregate="drop"),
                 FCAConfig(keep=0.5, score="attention_entropy", aggregate="clusters", clusters=2),

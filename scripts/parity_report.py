@@ -1,18 +1,29 @@
 """Print minifca's parity with transformers (float32) on the shipped checkpoints, both CPU backends:
-all-MiniLM-L6-v2 on the parity sentences of tests/test_parity.py (one padded batch), and the SST-2
-fine-tune on all 872 dev sentences (logits, predictions, accuracy). Needs torch + transformers.
+all-MiniLM-L6-v2 on the parity sentences (tests/data/parity_sentences.json, as tests/test_parity.py
+runs them: one padded batch), and the SST-2 fine-tune on all 872 dev sentences (logits, predictions,
+accuracy). Needs torch + transformers.
 Usage, from the repository root: python scripts/parity_report.py
 """
-import sys
+import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import minifca  # noqa: E402
-from conftest import SST2_DEV, SHARED, read_sst2, torch_reference  # noqa: E402
-from test_parity import SENTENCES  # noqa: E402
+import minifca
+from minifca.data import load_data
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MINIFCA_SHARED", ROOT.parent / "shared"))
+SENTENCES = json.loads((ROOT / "tests" / "data" / "parity_sentences.json").read_text(encoding="utf-8"))
+
+
+def torch_reference(folder, head="classifier"):
+    """The transformers model of a checkpoint folder, in float32, eval mode (as the parity tests build it)."""
+    cls = transformers.BertForSequenceClassification if head else transformers.BertModel
+    return cls.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager").eval()
 
 
 def torch_out(tm, enc):
@@ -37,7 +48,8 @@ for backend in ("numpy", "numba"):
           f"mean-pooled cosine min {cos.min():.9f}")
 
 sst2 = SHARED / "models" / "minilm-l6-sst2"
-texts, labels = read_sst2(SST2_DEV)
+dev = load_data(SHARED / "data" / "sst2" / "dev.tsv")
+texts, labels = dev.texts, np.array(dev.labels)
 tm = torch_reference(sst2)
 for backend in ("numpy", "numba"):
     m = minifca.from_pretrained(sst2, backend=backend)

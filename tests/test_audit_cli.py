@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from minifca import cli, evaluate
+from minifca import calibrate, cli, data
+from minifca.commands import calibrate as calibrate_command, explain as explain_command
 from minifca.errors import ConfigError, InputError
 
 from conftest import SST2_DEV
@@ -52,7 +53,7 @@ def test_binary_data_file_is_an_input_error(tmp_path):
     p = tmp_path / "dev.tsv"
     p.write_bytes(b"\x80\x81\xff\x00sentence\tlabel\n")
     with pytest.raises(InputError, match="UTF-8"):
-        evaluate.read_tsv(p)
+        data.read_tsv(p)
 
 
 def test_eval_out_that_is_a_file_is_an_error_line(capsys, sst2_path, small_dev, tmp_path):
@@ -70,7 +71,7 @@ def test_ablate_keep_not_numbers_is_an_error_line(capsys, sst2_path, small_dev, 
 
 def test_rule_with_bad_cluster_count_is_a_config_error():
     with pytest.raises(ConfigError, match="clusters"):
-        evaluate.parse_rule("attention_received+similarity-x")
+        calibrate.parse_rule("attention_received+similarity-x")
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -91,7 +92,7 @@ def test_out_of_range_numbers_are_refused_before_anything_runs(capsys, argv, fla
 
 
 def test_calibrate_out_folder_is_refused_before_the_search(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate, "calibrate", lambda *a, **k: pytest.fail("the search ran"))
+    monkeypatch.setattr(calibrate_command, "calibrate", lambda *a, **k: pytest.fail("the search ran"))
     train = tmp_path / "train.tsv"
     train.write_text("sentence\tlabel\na fine film\t1\n")
     code, _, err = run_cli(capsys, "calibrate", "--data", train, "--target-flops", "0.5", "--out", tmp_path)
@@ -109,7 +110,7 @@ def test_closed_stdout_stops_quietly(capsys, monkeypatch):
     """`minifca demo | head -1`: no traceback and no error line when the reader leaves."""
     def closed(args):
         raise BrokenPipeError(32, "Broken pipe")
-    monkeypatch.setattr(cli, "cmd_explain", closed)
+    monkeypatch.setattr(explain_command, "cmd_explain", closed)
     dup2 = []
     monkeypatch.setattr(cli.os, "dup2", lambda *a: dup2.append(a))    # keep pytest's stdout
     monkeypatch.setattr(cli.sys.stdout, "fileno", lambda: 1, raising=False)

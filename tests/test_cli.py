@@ -12,6 +12,7 @@ import pytest
 
 import minifca
 from minifca import cli
+from minifca.commands import demo
 
 POS, NEG = "a wonderful, moving and beautifully acted film .", "a dull , tedious and badly written mess ."
 
@@ -113,9 +114,9 @@ def test_demo_json(capsys):
     for key in ("model", "backend", "fca", "full", "fca_run", "flops_ratio", "time_ratio", "picture"):
         assert key in res, key
     assert res["model"] == str(minifca.default_model_path())
-    assert len(res["full"]["embeddings"]) == len(cli.DEMO_SENTENCES)
-    assert 0 < res["flops_ratio"] < 1 and res["fca"]["keep"] == cli.DEMO_FCA_KEEP
-    assert res["picture"]["text"] == cli.DEMO_SENTENCES[0] and res["picture"]["layers"]
+    assert len(res["full"]["embeddings"]) == len(demo.DEMO_SENTENCES)
+    assert 0 < res["flops_ratio"] < 1 and res["fca"]["keep"] == demo.DEMO_FCA_KEEP
+    assert res["picture"]["text"] == demo.DEMO_SENTENCES[0] and res["picture"]["layers"]
 
 
 def test_demo_on_a_classifier(capsys, sst2_path):

@@ -137,8 +137,8 @@ def test_attention_probs_stats_keys(ops, params, proportional, n_head):
 
 
 def launches(monkeypatch, ops):
-    """Spy on ops' kernels (cuda_bench.KERNEL_NAMES): a list of (name, shapes of the array arguments) per launch."""
-    from minifca.kernels.cuda_bench import KERNEL_NAMES
+    """Spy on ops' kernels (kernels.cuda.KERNEL_NAMES): a list of (name, shapes of the array arguments) per launch."""
+    from minifca.kernels.cuda import KERNEL_NAMES
     seen = []
 
     class Spy:
@@ -377,11 +377,12 @@ def test_model_backend_cuda_uploads_once(tmp_path):
 
 
 def test_kernel_profile_accounts_for_the_forward(tmp_path):
-    """cuda_bench.kernel_profile: every kernel of an FCA forward is timed, and the parts add up to the total;
+    """bench_cuda.kernel_profile: every kernel of an FCA forward is timed, and the parts add up to the total;
     the paper's rule is decided on the device, so the host only counts (no reduce_plan)."""
     from conftest import write_random_checkpoint
     import minifca
-    from minifca.kernels.cuda_bench import KERNEL_NAMES, kernel_profile
+    from minifca.bench_cuda import kernel_profile
+    from minifca.kernels.cuda import KERNEL_NAMES
     folder = write_random_checkpoint(tmp_path / "tiny", hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=12, vocab_size=60, max_position_embeddings=16)
     model = minifca.from_pretrained(folder, backend="cuda")

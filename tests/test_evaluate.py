@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import minifca
-from minifca import evaluate as ev
+from minifca import ablate as ab, calibrate as cal, data as D, evaluate as ev
 from minifca.cli import main
 from minifca.errors import ConfigError, InputError
 from conftest import SST2_MODEL
@@ -43,37 +43,37 @@ def sst2_tsv(tmp_path):
 
 
 def test_single_sentence_tsv_strips_and_reads_int_labels(sst2_tsv):
-    d = ev.load_data(sst2_tsv)
+    d = D.load_data(sst2_tsv)
     assert d.texts == [s for s, _ in SENTENCES] and d.pairs is None
     assert d.labels == [y for _, y in SENTENCES]
-    assert len(ev.load_data(sst2_tsv, limit=3)) == 3
+    assert len(D.load_data(sst2_tsv, limit=3)) == 3
 
 
 @pytest.mark.parametrize("header", [("sentence1", "sentence2"), ("question", "sentence"), ("question1", "question2")])
 def test_pair_tsv(tmp_path, header):
     f = write_tsv(tmp_path / "dev.tsv", ["idx", *header, "label"], [(0, "what is it ?", "it is a cat .", "entailment"),
                                                                     (1, "who ?", "nobody .", "not_entailment")])
-    d = ev.load_data(f)
+    d = D.load_data(f)
     assert d.texts == ["what is it ?", "who ?"] and d.pairs == ["it is a cat .", "nobody ."]
     cfg = types.SimpleNamespace(id2label={0: "entailment", 1: "not_entailment"}, num_labels=2)
-    assert ev.label_ids(d.labels, cfg).tolist() == [0, 1]
+    assert D.label_ids(d.labels, cfg).tolist() == [0, 1]
     with pytest.raises(InputError, match="label 'entailment' is not one of"):
-        ev.label_ids(d.labels, types.SimpleNamespace(id2label={0: "neg", 1: "pos"}, num_labels=2))
+        D.label_ids(d.labels, types.SimpleNamespace(id2label={0: "neg", 1: "pos"}, num_labels=2))
 
 
 def test_tsv_errors_name_the_file(tmp_path):
     bad = tmp_path / "bad.tsv"
     bad.write_text("sentence\tlabel\ngood\t1\nno label field\n")
     with pytest.raises(InputError, match=r"bad.tsv:3: 1 tab-separated fields"):
-        ev.load_data(bad)
+        D.load_data(bad)
     nolabel = write_tsv(tmp_path / "nolabel.tsv", ["sentence", "score"], [("a", 1)])
     with pytest.raises(InputError, match="nolabel.tsv: no label column"):
-        ev.load_data(nolabel)
+        D.load_data(nolabel)
     test = write_tsv(tmp_path / "test.tsv", ["sentence", "label"], [("a", -1), ("b", -1)])
     with pytest.raises(InputError, match="test split without labels"):
-        ev.load_data(test)
+        D.load_data(test)
     with pytest.raises(InputError, match="missing.tsv: data file not found"):
-        ev.load_data(tmp_path / "missing.tsv")
+        D.load_data(tmp_path / "missing.tsv")
 
 
 def fake_pyarrow(monkeypatch, tables):
@@ -100,16 +100,16 @@ def hub_layout(root):
 
 def test_glue_hub_layout_folder_reads_every_shard(tmp_path, monkeypatch):
     fake_pyarrow(monkeypatch, hub_layout(tmp_path))
-    d = ev.load_data(tmp_path, subset="sst2", split="validation")
+    d = D.load_data(tmp_path, subset="sst2", split="validation")
     assert d.texts == ["good .", "bad .", "fine ."] and d.labels == [1, 0, 1]
-    assert ev.load_data(tmp_path, subset="sst2", split="train").texts == ["x"]
+    assert D.load_data(tmp_path, subset="sst2", split="train").texts == ["x"]
     with pytest.raises(InputError, match="no 'test' split"):
-        ev.load_data(tmp_path, subset="sst2", split="test")
+        D.load_data(tmp_path, subset="sst2", split="test")
 
 
 def test_glue_tsv_folder_dev_is_validation(tmp_path):
     write_tsv(tmp_path / "SST-2" / "dev.tsv", ["sentence", "label"], [("ok", 1)])
-    assert ev.load_data(tmp_path, subset="SST-2", split="validation").texts == ["ok"]
+    assert D.load_data(tmp_path, subset="SST-2", split="validation").texts == ["ok"]
 
 
 def test_hub_id_goes_through_snapshot_download(tmp_path, monkeypatch):
@@ -121,14 +121,14 @@ def test_hub_id_goes_through_snapshot_download(tmp_path, monkeypatch):
         calls.append((repo_id, repo_type, allow_patterns))
         return str(tmp_path)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
-    d = ev.load_data("nyu-mll/glue", subset="sst2")
+    d = D.load_data("nyu-mll/glue", subset="sst2")
     assert calls == [("nyu-mll/glue", "dataset", ["sst2/*"])] and len(d) == 3
 
     def offline(*a, **k):
         raise OSError("no network")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(InputError, match="nyu-mll/glue: not a local file or folder.*no network"):
-        ev.load_data("nyu-mll/glue", subset="sst2")
+        D.load_data("nyu-mll/glue", subset="sst2")
 
 
 def test_parquet_without_pyarrow_says_how_to_get_it(tmp_path, monkeypatch):
@@ -137,7 +137,7 @@ def test_parquet_without_pyarrow_says_how_to_get_it(tmp_path, monkeypatch):
     f = tmp_path / "validation.parquet"
     f.write_bytes(b"PAR1")
     with pytest.raises(InputError, match="validation.parquet: reading parquet needs pyarrow: pip install pyarrow"):
-        ev.load_data(f)
+        D.load_data(f)
 
 
 # ---------------------------------------------------------------- passes, eval
@@ -148,7 +148,7 @@ class Interrupt(Exception):
 
 
 def test_predict_resumes_from_its_cache(sst2_model, sst2_tsv, tmp_path):
-    data = ev.load_data(sst2_tsv)
+    data = D.load_data(sst2_tsv)
     batches = ev.make_batches(sst2_model, data, batch_size=3)
     fca = minifca.FCAConfig(keep=0.5)
     plain = ev.predict(sst2_model, data, fca, batches)
@@ -177,7 +177,7 @@ def test_predict_resumes_from_its_cache(sst2_model, sst2_tsv, tmp_path):
 
 
 def test_batching_by_length_keeps_the_data_order(sst2_model, sst2_tsv):
-    data = ev.load_data(sst2_tsv)
+    data = D.load_data(sst2_tsv)
     alone = np.stack([sst2_model(sst2_model.tokenize([t])).logits[0] for t in data.texts])
     got = ev.predict(sst2_model, data, None, ev.make_batches(sst2_model, data, batch_size=4))["logits"]
     from conftest import model_bound
@@ -233,13 +233,13 @@ def test_split_or_subset_with_a_single_file_is_an_error(sst2_tsv, capsys):
 
 
 def small_grid(layers=6):
-    return ev.grid(layers, ["attention_received", "random"], ["drop", "weighted"], [0.5])
+    return ab.grid(layers, ["attention_received", "random"], ["drop", "weighted"], [0.5])
 
 
 def test_ablate_writes_rows_and_resumes(sst2_model, sst2_tsv, tmp_path):
-    data = ev.load_data(sst2_tsv)
+    data = D.load_data(sst2_tsv)
     logs = []
-    rows = ev.ablate(sst2_model, data, small_grid(), tmp_path, batch_size=5, log=logs.append)
+    rows = ab.ablate(sst2_model, data, small_grid(), tmp_path, batch_size=5, log=logs.append)
     assert [r["label"] for r in rows] == ["full model", "attention_received + drop", "attention_received + weighted",
                                          "random + drop", "random + weighted"]
     assert float(rows[0]["agreement"]) == 1.0 and float(rows[0]["flops_ratio"]) == 1.0
@@ -249,13 +249,13 @@ def test_ablate_writes_rows_and_resumes(sst2_model, sst2_tsv, tmp_path):
     assert (tmp_path / "tradeoff.png").stat().st_size > 0 and (tmp_path / "tradeoff_padded.png").exists()
     # a rerun computes nothing: every row is done
     logs.clear()
-    again = ev.ablate(sst2_model, data, small_grid(), tmp_path, batch_size=5, log=logs.append)
+    again = ab.ablate(sst2_model, data, small_grid(), tmp_path, batch_size=5, log=logs.append)
     assert again == rows and sum("done already" in s for s in logs) == 4
     # an interrupted run (last row missing) computes just that row
     lines = (tmp_path / "results.csv").read_text().splitlines()
     (tmp_path / "results.csv").write_text("\n".join(lines[:-1]) + "\n")
     logs.clear()
-    again = ev.ablate(sst2_model, data, small_grid(), tmp_path, batch_size=5, log=logs.append)
+    again = ab.ablate(sst2_model, data, small_grid(), tmp_path, batch_size=5, log=logs.append)
     assert sum("done already" in s for s in logs) == 3 and len(again) == len(rows)
     assert again[-1]["label"] == "random + weighted" and again[-1]["accuracy"] == rows[-1]["accuracy"]
 
@@ -263,20 +263,20 @@ def test_ablate_writes_rows_and_resumes(sst2_model, sst2_tsv, tmp_path):
 def test_ablate_without_matplotlib_still_writes_csv_and_table(sst2_model, sst2_tsv, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     logs = []
-    ev.ablate(sst2_model, ev.load_data(sst2_tsv, limit=4), small_grid()[:1], tmp_path, log=logs.append)
+    ab.ablate(sst2_model, D.load_data(sst2_tsv, limit=4), small_grid()[:1], tmp_path, log=logs.append)
     assert (tmp_path / "results.csv").exists() and (tmp_path / "results.md").exists()
     assert not (tmp_path / "tradeoff.png").exists()
     assert any("matplotlib is not installed" in s and "pip install 'minifca[plot]'" in s for s in logs)
 
 
 def test_grid_shapes_and_schedule_files(tmp_path):
-    assert ev.schedule(0.4, "uniform", 3) == [0.4] * 3
-    assert ev.schedule(0.4, "linear", 4) == [1.0, 0.8, 0.6, 0.4]
+    assert ab.schedule(0.4, "uniform", 3) == [0.4] * 3
+    assert ab.schedule(0.4, "linear", 4) == [1.0, 0.8, 0.6, 0.4]
     with pytest.raises(ConfigError, match="shape 'cubic' unknown"):
-        ev.schedule(0.4, "cubic", 4)
+        ab.schedule(0.4, "cubic", 4)
     f = tmp_path / "s.json"
     minifca.FCAConfig(keep=[1.0, 0.5], score="cls_attention").save(f)
-    rows = ev.grid(2, ["attention_received"], ["clusters"], [0.5, 0.3], clusters=3, schedules=[f])
+    rows = ab.grid(2, ["attention_received"], ["clusters"], [0.5, 0.3], clusters=3, schedules=[f])
     assert [r[0] for r in rows] == ["attention_received + clusters-3"] * 2 + ["schedule s.json"]
     assert rows[0][2].clusters == 3 and rows[-1][2].score == "cls_attention"
 
@@ -321,9 +321,9 @@ def test_calibrate_refuses_a_dev_file(tmp_path, capsys):
 
 
 def test_calibrate_search_keeps_agreement_under_budget(sst2_model, sst2_tsv):
-    data = ev.load_data(sst2_tsv)
-    drop = ev.parse_rule("random+drop")
-    cfg, best = ev.calibrate(sst2_model, data.subset(range(4)), 0.7, step=0.5, refine=1, rules=[drop],
+    data = D.load_data(sst2_tsv)
+    drop = cal.parse_rule("random+drop")
+    cfg, best = cal.calibrate(sst2_model, data.subset(range(4)), 0.7, step=0.5, refine=1, rules=[drop],
                              log=lambda s: None)
     assert best["flops_ratio"] <= 0.7 and cfg.keep == best["keep"]
     assert (cfg.score, cfg.aggregate) == (("random", "drop") if best["rule"] == drop else ("attention_received",
@@ -332,20 +332,20 @@ def test_calibrate_search_keeps_agreement_under_budget(sst2_model, sst2_tsv):
     run = ev.predict(sst2_model, data, cfg, ev.make_batches(sst2_model, data))
     assert run["flops"] / run["flops_full"] == pytest.approx(best["flops_ratio"])
     with pytest.raises(ConfigError, match="above the target"):
-        ev.calibrate(sst2_model, data, 0.01, step=0.5, floor=0.5, log=lambda s: None)
+        cal.calibrate(sst2_model, data, 0.01, step=0.5, floor=0.5, log=lambda s: None)
 
 
 def test_calibrate_starts_from_a_given_schedule(sst2_model, sst2_tsv):
-    data = ev.load_data(sst2_tsv, limit=3)
-    cfg, best = ev.calibrate(sst2_model, data, 1.0, start=[1.0, 1.0, 0.5, 0.5, 0.5, 0.5], refine=0, log=lambda s: None)
+    data = D.load_data(sst2_tsv, limit=3)
+    cfg, best = cal.calibrate(sst2_model, data, 1.0, start=[1.0, 1.0, 0.5, 0.5, 0.5, 0.5], refine=0, log=lambda s: None)
     assert cfg.keep == [1.0, 1.0, 0.5, 0.5, 0.5, 0.5] and best["evaluations"] == 1  # in budget: nothing to search
 
 
 def test_least_sure_picks_the_smallest_margins(sst2_model, sst2_tsv):
-    data = ev.load_data(sst2_tsv)
+    data = D.load_data(sst2_tsv)
     logits = ev.predict(sst2_model, data, None, ev.make_batches(sst2_model, data))["logits"]
     margin = np.abs(logits[:, 1] - logits[:, 0])
-    picked = ev.least_sure(sst2_model, data, 3, batch_size=4)
+    picked = cal.least_sure(sst2_model, data, 3, batch_size=4)
     assert list(picked) == sorted(picked) and len(picked) == 3
     assert margin[picked].max() <= np.delete(margin, picked).min()
 
@@ -356,11 +356,11 @@ def test_eval_needs_a_classifier_head(minilm_path, sst2_tsv, capsys):
 
 
 def test_parse_rule():
-    assert ev.parse_rule("cls_attention+similarity-2+prop") == {"score": "cls_attention", "aggregate": "similarity",
+    assert cal.parse_rule("cls_attention+similarity-2+prop") == {"score": "cls_attention", "aggregate": "similarity",
                                                                "clusters": 2, "proportional_attention": True}
-    assert ev.parse_rule("random+drop")["clusters"] == 1
+    assert cal.parse_rule("random+drop")["clusters"] == 1
     with pytest.raises(ConfigError, match="write score\\+aggregate"):
-        ev.parse_rule("random")
+        cal.parse_rule("random")
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "docs" / "schedules").glob("*.json")),

@@ -5,6 +5,9 @@ the transformers model of the same folder, and compares valid (non-padding) posi
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -18,31 +21,8 @@ BACKENDS = ["numpy", "numba"]
 # margin over the largest difference measured (MiniLM 3.9e-6, SST-2 logits 6.9e-6; scripts/parity_report.py).
 ATOL = 1e-4
 
-SENTENCES = [
-    "A man is playing a guitar.",
-    "The quick brown fox jumps over the lazy dog.",
-    "I absolutely loved this film, it was wonderful!",
-    "Terrible. Just terrible.",
-    "What time does the train to Zürich leave?",
-    "Naïve café owners serve crème brûlée.",
-    "The GDP grew by 3.5% in Q2 2023, beating the 2.9% forecast.",
-    "e-mail me at someone@example.com or call +1 (555) 010-2030",
-    "",
-    "ok",
-    "Transformers use self-attention to relate every token to every other token in a sequence, "
-    "which makes their cost grow quadratically with the length of the input text.",
-    "UPPERCASE WORDS AND lowercase words",
-    "unbelievably uncharacteristically antidisestablishmentarianism",
-    "She said: \"don't go there\" — and left.",
-    "東京は日本の首都です。",
-    "Das ist ein deutscher Satz.",
-    "1 2 3 4 5 6 7 8 9 10",
-    "#hashtag @mention :-) ;-(",
-    "The movie was not bad at all, actually quite good.",
-    "Emojis like 🙂 and 🚀 are unknown to old vocabularies.",
-    "A   sentence\twith\nodd   whitespace.",
-    "Is this the real life? Is this just fantasy?",
-]
+# the parity sentences (odd scripts, whitespace, emoji, an empty one); benchmarks read them too
+SENTENCES = json.loads((Path(__file__).parent / "data" / "parity_sentences.json").read_text(encoding="utf-8"))
 PAIRS = [
     ("A man is playing a guitar.", "Someone plays an instrument."),
     ("How old are you?", "What is your age?"),
@@ -180,17 +160,17 @@ def test_sst2_logits_match_on_200_numpy(sst2_path, sst2_dev, sst2_torch_logits):
 
 def test_sst2_all_dev_predictions_and_accuracy(sst2_path, sst2_dev, sst2_torch_logits):
     """All 872: the logits and accuracy `minifca eval` computes (its loader, batching and summary)."""
-    from minifca import evaluate
+    from minifca import data as D, evaluate
     texts, labels = sst2_dev
     assert len(texts) == 872
     model = minifca.from_pretrained(sst2_path)                         # default backend
-    data = evaluate.load_data(str(SST2_DEV))
+    data = D.load_data(str(SST2_DEV))
     assert data.texts == texts
     run = evaluate.predict(model, data, None, evaluate.make_batches(model, data, batch_size=128))
     logits = run["logits"]
     assert np.abs(logits - sst2_torch_logits).max() <= ATOL
     np.testing.assert_array_equal(logits.argmax(1), sst2_torch_logits.argmax(1))
-    ours = evaluate.summarize(run, evaluate.label_ids(data.labels, model.config))["accuracy"]
+    ours = evaluate.summarize(run, D.label_ids(data.labels, model.config))["accuracy"]
     theirs = np.mean(sst2_torch_logits.argmax(1) == labels)
     assert ours == theirs
     assert 0.85 < ours < 0.95                                          # the README's 0.8956, not a broken run

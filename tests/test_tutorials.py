@@ -23,7 +23,7 @@ NAMES = {
            "reference.pooler", "reference.classifier", "reference.bert_forward"],
     "02": ["reference.attention", "reference.attention_stats", "fca.SCORES", "fca.select"],
     "03": ["fca.FCAConfig", "fca.SCORES", "fca.select", "fca.AGGREGATES", "fca.reduce_sequence", "fca.merge",
-           "fca.FCAState", "reference.attention", "reference.add_layer_norm", "cli.picture", "cli.print_picture"],
+           "fca.FCAState", "reference.attention", "reference.add_layer_norm", "explain.picture", "explain.print_picture"],
     "04": ["flops.layer_flops", "flops.flops_per_layer", "flops.model_flops", "flops.head_flops",
            "reference.attention", "reference.add_layer_norm", "reference.ffn", "reference.bert_forward",
            "fca.FCAState"],

@@ -16,7 +16,7 @@
 # | the configuration | `fca.FCAConfig` (`keep`, `score`, `aggregate`, `proportional_attention`) and `FCAConfig.k` |
 # | one layer by hand | `reference.attention(..., want_stats=True)`, `fca.SCORES`, `fca.select`, `fca.AGGREGATES`, `fca.reduce_sequence`, `fca.merge` |
 # | the whole model | `reference.bert_forward` → `fca.FCAState.reduce` (with `trace=True`) |
-# | a picture | the trace, `minifca.cli.picture`, `minifca.cli.print_picture` |
+# | a picture | the trace, `minifca.explain.picture`, `minifca.explain.print_picture` |
 #
 # and then the same with `aggregate="drop"` (PoWER-BERT: the rest is thrown away) for contrast.
 
@@ -26,7 +26,7 @@ import numpy as np
 
 import minifca
 from minifca import fca, reference
-from minifca.cli import picture, print_picture
+from minifca.explain import picture, print_picture
 from _setup import SST2_MODEL
 
 np.set_printoptions(precision=3, suppress=True, linewidth=110)
@@ -94,7 +94,7 @@ print("reduce_sequence gives the same split:", all(np.array_equal(u, v) for u, v
 # FCA layer and records, per layer, every unit's members (input tokens) and their weights.
 # A coarse unit made at layer 0 is a unit like any other at layer 1: it is scored again and may
 # stay (a merged unit kept among the fine ones), or be folded into the next coarse unit.
-# `minifca.cli.picture` collects the trace into a per-layer table and `print_picture` draws it
+# `minifca.explain.picture` collects the trace into a per-layer table and `print_picture` draws it
 # (this is what `minifca explain "…"` prints): one column per input token, one row per layer.
 
 # %%

@@ -139,6 +139,13 @@ SIM_TILES = (8, 8, 4, 4, 4)                          # under the simulator: tiny
 DEFAULT_TILES = "64x64c"  # on an H100 as fast as 64x64 within noise, with fewer registers (docs/bench_cuda.md)
 
 
+# the kernels `kernels()` compiles, by name (the CUDA tests and the kernel profile spy on them).
+# attention: full layers (and probabilities); attention_abar: FCA layers (Abar only); head_mean: Abar from
+# probabilities, only at an FCA layer whose probabilities are asked for too
+KERNEL_NAMES = ("matmul_bias_act", "embed_gather", "add_ln", "attention", "attention_abar", "head_mean", "stats",
+                "fca_norms", "fca_select", "merge")
+
+
 @lru_cache(maxsize=None)
 def kernels(sim: bool, tiles: str = DEFAULT_TILES):
     """Compile-time tile sizes are closure constants: GPU-sized, or tiny under the simulator."""

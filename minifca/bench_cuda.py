@@ -1,6 +1,6 @@
 """The CUDA backend on a real GPU: parity with the NumPy reference, and speed against torch.
 
-    from minifca.kernels.cuda_bench import parity, bench_cuda
+    from minifca.bench_cuda import parity, bench_cuda
     parity(model, ids, mask, fca)      # max |cuda - numpy| of the final units, and equal FCA decisions
     bench_cuda(model, ids, mask, {"half": FCAConfig(keep=0.5)})  # rows {impl, ms, sequences_per_s}:
                                        # ours (full, FCA) vs torch fp32, TF32 off and on
@@ -14,13 +14,15 @@ ids to host final hidden states, the device synchronised.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
-from .. import reference
-from ..errors import BackendError
-from ..fca import FCAConfig, sequence_keys
+from . import bench, reference
+from .errors import BackendError
+from .fca import FCAConfig, sequence_keys
+from .model import from_pretrained
 
 
 def _median_ms(fn, repeats, warmup, sync=lambda: None):
@@ -40,7 +42,7 @@ def bench_matmul(M, K, N, tiles, repeats=20) -> dict:
     """TFLOP/s of the matmul_bias_act kernel (x [M, K] @ w[N, K].T + b) with the given tiles, and
     what the compiler made of it (registers and local memory per thread, FMAs in the PTX)."""
     from numba import cuda
-    from .cuda import CudaOps
+    from .kernels.cuda import CudaOps
     ops = CudaOps(tiles=tiles)
     rng = np.random.default_rng(0)
     x, w, b = (cuda.to_device(rng.standard_normal(s).astype(np.float32)) for s in ((M, K), (N, K), (N,)))
@@ -57,10 +59,6 @@ def bench_matmul(M, K, N, tiles, repeats=20) -> dict:
     return out
 
 
-# attention: full layers (and probabilities); attention_abar: FCA layers (Abar only); head_mean: Abar from
-# probabilities, only at an FCA layer whose probabilities are asked for too
-KERNEL_NAMES = ("matmul_bias_act", "embed_gather", "add_ln", "attention", "attention_abar", "head_mean", "stats",
-                "fca_norms", "fca_select", "merge")
 HOST_FCA = {"fca counts (host)": "device_plan", "fca plan (host)": "reduce_plan"}  # label: function of kernels/cuda
 
 
@@ -70,7 +68,8 @@ def kernel_profile(model, ids, mask, fca: FCAConfig | None = None, repeats=3) ->
     "fca counts (host)" (`device_plan`: the counts of the rules decided on the device) or
     "fca plan (host)" (`reduce_plan`: every decision, for the other rules and for trace)."""
     from numba import cuda
-    from . import cuda as kc
+    from .kernels import cuda as kc
+    from .kernels.cuda import KERNEL_NAMES
     ops = model.ops
     spent = dict.fromkeys(KERNEL_NAMES + tuple(HOST_FCA), 0.0)
 
@@ -185,7 +184,7 @@ def bench_cuda(model, ids, mask, fcas: dict | None = None, repeats=20, warmup=3,
 
 def device_name() -> str:
     from numba import cuda
-    from .cuda import simulated
+    from .kernels.cuda import simulated
     if simulated():
         return "Numba CUDA simulator"
     name = cuda.get_current_device().name
@@ -196,17 +195,14 @@ def run_bench_cuda(models: dict, shapes, runs=20, fca_targets=None, root="weight
     """`minifca bench --backend cuda`: for each {name: BertConfig fields} model (a random-weight
     checkpoint, bench.ensure_checkpoint) and (B, L) shape, bench_cuda on random ids, with FCA at
     the uniform keep whose FLOPs ratio is closest above each target (bench.fca_keep_for)."""
-    from pathlib import Path
-    import minifca
-    from .. import bench
-    from .cuda import load_cuda, simulated
+    from .kernels.cuda import load_cuda, simulated
     load_cuda()                                                          # no GPU: the BackendError, first
     if simulated():
         raise BackendError("the CUDA benchmark needs a real GPU; unset NUMBA_ENABLE_CUDASIM")
     res = {"device": device_name(), "runs": runs, "models": {}}
     for name, shape in models.items():
         folder = bench.ensure_checkpoint(Path(root), name, shape)
-        model = minifca.from_pretrained(folder, backend="cuda")
+        model = from_pretrained(folder, backend="cuda")
         tm = torch_model(folder)
         res["models"][name] = []
         for B, L in shapes:

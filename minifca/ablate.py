@@ -1,0 +1,121 @@
+"""`ablate`: a grid of scoring x aggregation rules x keep levels on one data set -> results.csv, results.md,
+and the accuracy/FLOPs plots (`minifca.plot`); the full model's predictions computed once."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from .data import label_ids
+from .errors import ConfigError
+from .evaluate import make_batches, predict, run_key, summarize
+from .fca import FCAConfig
+from .plot import plot
+
+CSV_FIELDS = ["key", "label", "score", "aggregate", "clusters", "proportional", "start_layer", "keep", "level",
+              "accuracy", "agreement", "flops_ratio", "flops_ratio_padded", "flops", "flops_full",
+              "flops_full_padded", "examples", "seconds"]
+
+
+def schedule(level, shape, layers):
+    """Per-layer keep ratios for one level: uniform = level on every layer; linear = 1.0 at layer 0 down to
+    level at the last layer."""
+    if shape == "uniform":
+        return [float(level)] * layers
+    if shape == "linear":
+        return [round(1 - (1 - level) * i / max(layers - 1, 1), 4) for i in range(layers)]
+    raise ConfigError(f"schedule shape {shape!r} unknown; choose uniform or linear")
+
+
+def grid(layers, scores, aggregates, levels, shape="uniform", clusters=2, proportional=(False,), start_layer=0,
+         schedules=()):
+    """[(row label, level, FCAConfig)] for every score x aggregate x proportional x level, then the schedule files."""
+    rows = []
+    for score in scores:
+        for agg in aggregates:
+            for prop in proportional:
+                c = clusters if agg in ("clusters", "similarity") else 1
+                label = f"{score} + {agg}" + (f"-{c}" if c > 1 else "") + (" + prop" if prop else "")
+                for level in levels:
+                    rows.append((label, level, FCAConfig(keep=schedule(level, shape, layers), score=score,
+                                                         aggregate=agg, clusters=c, proportional_attention=prop,
+                                                         start_layer=start_layer)))
+    for f in schedules:
+        rows.append((f"schedule {Path(f).name}", "", FCAConfig.load(f)))
+    return rows
+
+
+def read_rows(path) -> list:
+    if not Path(path).exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def ablate(model, data, rows, out, batch_size=64, pad_to=64, max_length=None, progress=False, log=print):
+    """Run the grid `rows`, appending one CSV row per configuration as it finishes (rows already in
+    out/results.csv are skipped, a half-done one resumes from its cached batches); then the table and plots."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = label_ids(data.labels, model.config, data.source)
+    batches = make_batches(model, data, batch_size, max_length)
+    cache = out / "cache"
+    full = predict(model, data, None, batches, pad_to, cache, progress, "full model")
+    full_pred = full["logits"].argmax(1)
+    csv_path = out / "results.csv"
+    done = {r["key"] for r in read_rows(csv_path)}
+    full_row = {"key": run_key(model, data, None, batches, pad_to), "label": "full model", "keep": "1.0", "level": 1.0,
+                **summarize(full, labels)}
+    new_file = not csv_path.exists()
+    with open(csv_path, "a", newline="") as f:
+        w = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
+        if new_file:
+            w.writeheader()
+        if full_row["key"] not in done:
+            w.writerow(full_row)
+        for label, level, fca in rows:
+            key = run_key(model, data, fca, batches, pad_to)
+            if key in done:
+                log(f"done already: {label} {level}")
+                continue
+            r = summarize(predict(model, data, fca, batches, pad_to, cache, progress, f"{label} {level}"), labels,
+                          full_pred)
+            keep = fca.keep if not isinstance(fca.keep, list) else ",".join(f"{v:g}" for v in fca.keep)
+            row = {"key": key, "label": label, "score": fca.score, "aggregate": fca.aggregate,
+                   "clusters": fca.clusters, "proportional": fca.proportional_attention,
+                   "start_layer": fca.start_layer, "keep": keep, "level": level, **r}
+            w.writerow(row)
+            f.flush()
+            done.add(key)
+            log(f"{label:<45} {level!s:>5}  acc {r['accuracy']:.4f}  agree {r['agreement']:.4f}  "
+                f"FLOPs {r['flops_ratio']:.3f} (padded {r['flops_ratio_padded']:.3f})  {r['seconds']:.1f} s")
+    table = read_rows(csv_path)
+    (out / "results.md").write_text(results_table(table, pad_to) + "\naccuracy (FLOPs / full model, unpadded) by "
+                                    "rule and keep level:\n\n" + pivot_table(table))
+    plotted = plot(table, out / "tradeoff.png", padded=False) and plot(table, out / "tradeoff_padded.png", padded=True)
+    if not plotted:
+        log("matplotlib is not installed: wrote results.csv and results.md but no tradeoff.png "
+            "(pip install 'minifca[plot]' or pip install matplotlib, then rerun: finished rows are not recomputed)")
+    return table
+
+
+def pivot_table(rows, x="flops_ratio") -> str:
+    """Accuracy (FLOPs ratio) of every grid rule (rows) at every keep level (columns)."""
+    grid_rows = [r for r in rows if r["label"] != "full model" and not r["label"].startswith("schedule")]
+    levels = sorted({r["level"] for r in grid_rows}, key=float, reverse=True)
+    cell = {(r["label"], r["level"]): r for r in grid_rows}
+    lines = ["| rule | " + " | ".join(f"keep {v}" for v in levels) + " |", "|---" * (len(levels) + 1) + "|"]
+    for label in dict.fromkeys(r["label"] for r in grid_rows):
+        cells = [cell.get((label, v)) for v in levels]
+        lines.append(f"| {label} | " + " | ".join("" if c is None else f"{float(c['accuracy']):.3f} ({float(c[x]):.2f})"
+                                                 for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def results_table(rows, pad_to=64) -> str:
+    lines = [f"| rule | keep | accuracy | agreement | FLOPs / full | FLOPs / full padded-{pad_to} |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['keep']} | {float(r['accuracy']):.4f} | {float(r['agreement']):.4f} | "
+                     f"{float(r['flops_ratio']):.3f} | {float(r['flops_ratio_padded']):.3f} |")
+    return "\n".join(lines) + "\n"
+

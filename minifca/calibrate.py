@@ -1,0 +1,132 @@
+"""`calibrate`: a gradient-free search for per-layer keep ratios that keeps agreement with the full model
+highest under a FLOPs budget, on a sample of the training split."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError, InputError
+from .evaluate import make_batches, predict
+from .fca import FCAConfig
+from .reference import softmax
+
+def calibrate(model, data, target, base=None, step=0.2, floor=0.01, batch_size=64, refine=1, rules=(), start=None,
+              log=print):
+    """Per-layer keep ratios maximising agreement with the full model on `data` with FLOPs <= target x full.
+
+    Greedy descent from keeping everything (or from `start`): each step lowers one layer's ratio by `step` (later layers
+    follow, ratios never increase) and takes the move that loses least (disagreement + mean KL to the full
+    model's probabilities) per FLOP saved, until the budget is met. Then `refine` sweeps of coordinate moves
+    at half the step (raise one layer, lower another, or just raise one) keep any that stays in budget and
+    agrees more (ties: lower KL).
+    base: an FCAConfig giving the rules (score, aggregate, clusters, ...); its keep is ignored.
+    rules: other rules to try ({field: value} overrides of base, see `parse_rule`) at the keep the descent
+    found, before the refinement; the one agreeing most within the budget is kept.
+    """
+    base = (base or FCAConfig()).to_dict()
+    layers = model.config.num_hidden_layers
+    batches = make_batches(model, data, batch_size)
+    p_full = softmax(predict(model, data, None, batches, None)["logits"])  # [N, C]
+    full_pred = p_full.argmax(1)
+    seen = {}
+
+    rule = {}
+
+    def score(keep, rule_=None):
+        rule_ = rule if rule_ is None else rule_
+        key = (tuple(round(v, 4) for v in keep), json.dumps(rule_, sort_keys=True))
+        if key not in seen:
+            fca = FCAConfig(**{**base, **rule_, "keep": list(key[0])})
+            run = predict(model, data, fca, batches, None)
+            p = softmax(run["logits"])
+            kl = float(np.mean(np.sum(p_full * (np.log(p_full + 1e-12) - np.log(p + 1e-12)), 1)))
+            seen[key] = {"keep": list(key[0]), "rule": rule_, "agreement": float(np.mean(p.argmax(1) == full_pred)),
+                         "kl": kl, "flops_ratio": run["flops"] / run["flops_full"]}
+        return seen[key]
+
+    def lower(keep, layer, by):
+        new = list(keep)
+        new[layer] = round(max(keep[layer] - by, floor), 4)
+        return [min(v, new[layer]) if j > layer else v for j, v in enumerate(new)]
+
+    def raise_(keep, layer, by):
+        new = list(keep)
+        new[layer] = round(min(keep[layer] + by, 1.0), 4)
+        return [max(v, new[layer]) if j < layer else v for j, v in enumerate(new)]
+
+    loss = lambda r: (1 - r["agreement"]) + r["kl"]  # noqa: E731
+    cur = score(list(start) if start is not None else [1.0] * layers)
+    log(f"start: keep {cur['keep']}  FLOPs {cur['flops_ratio']:.3f}  agreement {cur['agreement']:.4f}  "
+        f"KL {cur['kl']:.4f}")
+    while cur["flops_ratio"] > target:
+        moves = [score(lower(cur["keep"], layer, step)) for layer in range(layers) if cur["keep"][layer] > floor]
+        moves = [m for m in moves if m["flops_ratio"] < cur["flops_ratio"]]
+        if not moves:
+            break
+        saved = lambda m: cur["flops_ratio"] - m["flops_ratio"]  # noqa: E731
+        cur = min(moves, key=lambda m: ((loss(m) - loss(cur)) / saved(m), -saved(m)))
+        log(f"descent: keep {cur['keep']}  FLOPs {cur['flops_ratio']:.3f}  agreement {cur['agreement']:.4f}  "
+            f"KL {cur['kl']:.4f}")
+    if cur["flops_ratio"] > target:
+        raise ConfigError(f"calibrate: even keep {cur['keep']} costs {cur['flops_ratio']:.3f} of the full model, "
+                          f"above the target {target}")
+    better = lambda m, c: (m["agreement"], -m["kl"]) > (c["agreement"], -c["kl"])  # noqa: E731
+    for r in rules:
+        m = score(cur["keep"], r)
+        log(f"rule {r}: FLOPs {m['flops_ratio']:.3f}  agreement {m['agreement']:.4f}  KL {m['kl']:.4f}")
+        if m["flops_ratio"] <= target and better(m, cur):
+            cur, rule = m, r
+    fine = step / 2
+    for sweep in range(refine):
+        improved = False
+        for up in range(layers):
+            for down in [None] + list(range(layers)):
+                if down == up:
+                    continue
+                keep = raise_(cur["keep"], up, fine)
+                if down is not None:
+                    keep = lower(keep, down, fine)
+                if keep == cur["keep"]:
+                    continue
+                m = score(keep)
+                if m["flops_ratio"] <= target and better(m, cur):
+                    cur, improved = m, True
+                    log(f"refine {sweep + 1}: keep {cur['keep']}  FLOPs {cur['flops_ratio']:.3f}  "
+                        f"agreement {cur['agreement']:.4f}  KL {cur['kl']:.4f}")
+        if not improved:
+            break
+    cfg = FCAConfig(**{**base, **rule, "keep": cur["keep"]})
+    return cfg, {**cur, "evaluations": len(seen)}
+
+
+def parse_rule(spec: str) -> dict:
+    """'score+aggregate[-clusters][+prop]' (e.g. cls_attention+similarity-2+prop) -> FCAConfig overrides."""
+    parts = spec.split("+")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "prop"):
+        raise ConfigError(f"rule {spec!r}: write score+aggregate[-clusters][+prop], e.g. attention_received+weighted")
+    agg, _, c = parts[1].partition("-")
+    if c and not c.isdigit():
+        raise ConfigError(f"rule {spec!r}: the clusters after '-' must be a number, e.g. {parts[0]}+{agg}-2")
+    return {"score": parts[0], "aggregate": agg, "clusters": int(c) if c else 1,
+            "proportional_attention": len(parts) == 3}
+
+
+def least_sure(model, data, n, batch_size=64) -> np.ndarray:
+    """Indices (in data order) of the n examples with the smallest margin between the full model's top two logits."""
+    logits = predict(model, data, None, make_batches(model, data, batch_size), None)["logits"]  # [N, C]
+    top2 = np.sort(logits, 1)[:, -2:]                                # [N, 2]
+    return np.sort(np.argsort(top2[:, 1] - top2[:, 0], kind="stable")[:n])
+
+
+DEV_NAMES = ("dev", "validation", "test")
+
+
+
+def check_training_data(data):
+    """calibrate searches on training data: refuse files named like a dev/validation/test split."""
+    for f in data.source.split(", "):
+        if Path(f).name.lower().startswith(DEV_NAMES):
+            raise InputError(f"{f}: calibrate searches on training data; this looks like a dev/validation/test "
+                             "file, and calibrating on it would leak into the evaluation")

@@ -1,0 +1,67 @@
+"""`minifca eval`: accuracy, agreement with the full model and FLOPs of an FCA configuration on a labelled data set."""
+from __future__ import annotations
+
+import sys
+
+from ..evaluate import evaluate
+from .common import add_data_flags, add_json, data_from_args, emit, fca_from_args, int_at_least, load_model
+
+
+def print_eval(r):
+    print(f"{r['model']} on {r['data']} ({r['examples']} examples, {r['backend']} backend)")
+    print(f"FCA: {describe(r['fca']) if r['fca'] else 'off (the full model)'}")
+    print(f"accuracy   {r['accuracy']:.4f}  (full model {r['accuracy_full']:.4f}, "
+          f"{100 * (r['accuracy'] - r['accuracy_full']):+.2f} points)")
+    print(f"agreement  {r['agreement']:.4f}  with the full model's predictions")
+    print(f"FLOPs      {r['flops'] / 1e9:.2f} G = {r['flops_ratio']:.1%} of the full model on the real tokens, "
+          f"{r['flops_ratio_padded']:.1%} of the full model padded to {r['pad_to']} "
+          f"(padding alone: the full model is {r['flops_full'] / r['flops_full_padded']:.1%} of its padded self)")
+    print(f"speed      {r['examples_per_second']:.0f} examples/s ({r['seconds']:.1f} s; full model "
+          f"{r['examples'] / max(r['seconds_full'], 1e-9):.0f} examples/s)")
+
+
+def describe(fca: dict) -> str:
+    keep = fca["keep"]
+    keep = ",".join(f"{v:g}" for v in keep) if isinstance(keep, list) else f"{keep:g}"
+    s = f"keep {keep}, score {fca['score']}, aggregate {fca['aggregate']}"
+    if fca["clusters"] > 1:
+        s += f", {fca['clusters']} clusters"
+    if fca["proportional_attention"]:
+        s += ", proportional attention"
+    if fca["start_layer"]:
+        s += f", from layer {fca['start_layer']}"
+    return s
+
+
+def cmd_eval(args):
+    model = load_model(args)
+    fca = fca_from_args(args, model.config.num_hidden_layers)
+    data = data_from_args(args, args.limit)
+    try:
+        res = evaluate(model, data, fca, args.batch_size, args.pad_to, args.max_length, args.out, progress=True)
+    except KeyboardInterrupt:
+        print("minifca eval: interrupted; " + (f"the batches done are kept in {args.out}: the same command resumes"
+              if args.out else "nothing was kept (with --out DIR each batch is kept as it comes, and a rerun "
+              "resumes from it)"), file=sys.stderr)
+        raise
+    if not emit(res, args.json):
+        print_eval(res)
+
+
+
+def register(subparsers, parents):
+    p = subparsers.add_parser("eval", parents=[parents["model"], parents["fca"]],
+                              help="accuracy, agreement and FLOPs of FCA on a labelled data set",
+                              description="Runs the full model and the FCA configuration over a GLUE-style data set; "
+                                          "prints accuracy, agreement with the full model, FLOPs against the "
+                                          "unpadded and the padded full model, and examples/s.")
+    add_data_flags(p, "validation")
+    p.add_argument("--limit", type=int_at_least(1), default=None, help="only the first N examples")
+    p.add_argument("--pad-to", type=int_at_least(1), default=64, help="padded length of the padded FLOPs baseline (default 64, "
+                                                          "the FCA paper's SST-2 setting)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="keep each batch's results here as they come; an interrupted run, rerun with the same "
+                        "flags, resumes from them (off by default: a cache keyed by paths and flags would not see "
+                        "a changed checkpoint or a re-registered rule)")
+    add_json(p)
+    p.set_defaults(func=cmd_eval)
