@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from .data import label_ids
 from .errors import CheckpointError, ConfigError
+from .progress import progress as progress_bar
 
 def make_batches(model, data, batch_size=64, max_length=None):
     """[(indices, Encoding)]: examples sorted by token count (less padding), each batch trimmed to its longest."""
@@ -56,7 +56,7 @@ def predict(model, data, fca, batches, pad_to=64, cache_dir=None, progress=False
                 done[r["batch"]] = r
     logits = [None] * len(batches)
     total = {"flops": 0, "flops_full": 0, "flops_full_padded": 0, "seconds": 0.0}
-    bar = _progress(len(data), desc, progress)
+    bar = progress_bar(len(data), desc, None if progress else False, unit="ex")  # on a terminal only
     for b, (idx, enc) in enumerate(batches):
         r = done.get(b)
         if r is None:
@@ -77,11 +77,6 @@ def predict(model, data, fca, batches, pad_to=64, cache_dir=None, progress=False
     res = np.empty((len(order), logits[0].shape[1]))
     res[order] = np.concatenate(logits)                             # back to the data's order
     return {"logits": res, **total}
-
-
-def _progress(total, desc, on):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="ex", leave=False, disable=not (on and sys.stderr.isatty()))
 
 
 def summarize(run, labels, full_pred=None) -> dict:
