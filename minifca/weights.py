@@ -195,3 +195,31 @@ def to_params(state: dict[str, np.ndarray], cfg: BertConfig) -> dict:
                          "ln": _ln(state, "cls.predictions.transform.LayerNorm"),
                          "decoder": {"w": decoder_w, "b": bias}}
     return params
+
+
+def from_params(params: dict) -> dict[str, np.ndarray]:
+    """The nested parameter dict of reference.py -> flat BertModel-style names: `to_params` undone."""
+    ln = lambda d, p: {p + ".weight": d["g"], p + ".bias": d["b"]}
+    lin = lambda d, p: {p + ".weight": d["w"], p + ".bias": d["b"]}
+    e = params["embeddings"]
+    state = {"embeddings.word_embeddings.weight": e["word"], "embeddings.position_embeddings.weight": e["position"],
+             "embeddings.token_type_embeddings.weight": e["token_type"], **ln(e["ln"], "embeddings.LayerNorm")}
+    for i, layer in enumerate(params["layers"]):
+        p = f"encoder.layer.{i}."
+        for key, name in (("q", "attention.self.query"), ("k", "attention.self.key"), ("v", "attention.self.value"),
+                          ("o", "attention.output.dense")):
+            state.update(lin(layer["attn"][key], p + name))
+        state.update(ln(layer["attn_ln"], p + "attention.output.LayerNorm"))
+        state.update(lin(layer["ffn"]["i"], p + "intermediate.dense"))
+        state.update(lin(layer["ffn"]["o"], p + "output.dense"))
+        state.update(ln(layer["ffn_ln"], p + "output.LayerNorm"))
+    if "pooler" in params:
+        state.update(lin(params["pooler"], "pooler.dense"))
+    if "classifier" in params:
+        state.update(lin(params["classifier"], "classifier"))
+    if "mlm" in params:
+        m = params["mlm"]
+        state.update(lin(m["transform"], "cls.predictions.transform.dense"))
+        state.update(ln(m["ln"], "cls.predictions.transform.LayerNorm"))
+        state.update({"cls.predictions.decoder.weight": m["decoder"]["w"], "cls.predictions.bias": m["decoder"]["b"]})
+    return state
