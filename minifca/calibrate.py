@@ -12,8 +12,22 @@ from .evaluate import make_batches, predict
 from .fca import FCAConfig
 from .reference import softmax
 
+def embedding_pass(model, batches, fca):
+    """Mean-pooled embeddings [N, H] (data order) and the FLOPs of one pass: what `calibrate` compares on
+    unlabelled text."""
+    embs, flops, full = [], 0, 0
+    for _, enc in batches:
+        out = model(enc, fca=fca)
+        embs.append(out.embeddings.astype(np.float64))
+        flops, full = flops + out.flops, full + out.flops_full
+    order = np.concatenate([i for i, _ in batches])
+    emb = np.empty((len(order), embs[0].shape[1]))
+    emb[order] = np.concatenate(embs)
+    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12), flops, full
+
+
 def calibrate(model, data, target, base=None, step=0.2, floor=0.01, batch_size=64, refine=1, rules=(), start=None,
-              log=print):
+              log=print, objective="logits"):
     """Per-layer keep ratios maximising agreement with the full model on `data` with FLOPs <= target x full.
 
     Greedy descent from keeping everything (or from `start`): each step lowers one layer's ratio by `step` (later layers
@@ -24,12 +38,17 @@ def calibrate(model, data, target, base=None, step=0.2, floor=0.01, batch_size=6
     base: an FCAConfig giving the rules (score, aggregate, clusters, ...); its keep is ignored.
     rules: other rules to try ({field: value} overrides of base, see `parse_rule`) at the keep the descent
     found, before the refinement; the one agreeing most within the budget is kept.
+    objective "embeddings" (unlabelled text, any checkpoint): agreement is the mean cosine of each
+    candidate's mean-pooled embeddings to the full model's, and the KL term is 0.
     """
     base = (base or FCAConfig()).to_dict()
     layers = model.config.num_hidden_layers
     batches = make_batches(model, data, batch_size)
-    p_full = softmax(predict(model, data, None, batches, None)["logits"])  # [N, C]
-    full_pred = p_full.argmax(1)
+    if objective == "embeddings":
+        e_full = embedding_pass(model, batches, None)[0]             # [N, H] unit vectors
+    else:
+        p_full = softmax(predict(model, data, None, batches, None)["logits"])  # [N, C]
+        full_pred = p_full.argmax(1)
     seen = {}
 
     rule = {}
@@ -39,6 +58,11 @@ def calibrate(model, data, target, base=None, step=0.2, floor=0.01, batch_size=6
         key = (tuple(round(v, 4) for v in keep), json.dumps(rule_, sort_keys=True))
         if key not in seen:
             fca = FCAConfig(**{**base, **rule_, "keep": list(key[0])})
+            if objective == "embeddings":
+                e, flops, full = embedding_pass(model, batches, fca)
+                seen[key] = {"keep": list(key[0]), "rule": rule_, "agreement": float((e * e_full).sum(1).mean()),
+                             "kl": 0.0, "flops_ratio": flops / full}
+                return seen[key]
             run = predict(model, data, fca, batches, None)
             p = softmax(run["logits"])
             kl = float(np.mean(np.sum(p_full * (np.log(p_full + 1e-12) - np.log(p + 1e-12)), 1)))
