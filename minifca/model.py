@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import reference
+from . import reference, threadlimit
 from .config import BertConfig
 from .errors import BackendError, CheckpointError, ConfigError, InputError
 from .fca import FCAConfig, sequence_keys
 from .flops import head_flops, model_flops
 from .progress import progress
 from .sentence import SentenceConfig, l2_normalize, pool
+from .threadlimit import check_threads
 from .tokenizer import Encoding, Tokenizer
 from .weights import find_weight_files, load_state, to_params
 
@@ -46,10 +48,14 @@ class Output:
         return reference.mean_pool(self.last_hidden_state, self.mask, self.sizes)
 
 
-def _resolve(name_or_path) -> Path:
-    """A local folder as it is; anything else is a hub id fetched by huggingface_hub (cache first)."""
+def _resolve(name_or_path, hub=None) -> Path:
+    """A local folder as it is; anything else is a hub id fetched by huggingface_hub (cache first).
+    hub: snapshot_download's revision, cache_dir, local_files_only, token (those given)."""
+    hub = {k: v for k, v in (hub or {}).items() if v is not None and v is not False}
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        if hub:
+            raise InputError(f"{path} is a local folder; {', '.join(hub)} apply to hub ids only")
         return path
     if path.exists():
         raise CheckpointError(f"{path}: is a file; give the folder that holds config.json and the weights")
@@ -58,10 +64,11 @@ def _resolve(name_or_path) -> Path:
         raise CheckpointError(f"{s}: no such directory")
     try:
         from huggingface_hub import snapshot_download
-        local = snapshot_download(s, allow_patterns=NEEDED_FILES)
+        local = snapshot_download(s, allow_patterns=NEEDED_FILES, **hub)
     except Exception as e:  # network, offline mode, missing repo: one clear message
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        raise CheckpointError(f"{s}: not a local directory, and the hub could not provide it"
+        rev = f" at revision {hub['revision']}" if "revision" in hub else ""
+        raise CheckpointError(f"{s}: not a local directory, and the hub could not provide it{rev}"
                               f"{' (HF_HUB_OFFLINE is set and it is not in the cache)' if offline else ''}: "
                               f"{type(e).__name__}: {' '.join(str(e).split())}") from None  # one line
     return Path(local)
@@ -71,9 +78,10 @@ class Model:
     """A BERT checkpoint ready to run. Build it with `minifca.from_pretrained`."""
 
     def __init__(self, cfg: BertConfig, params: dict, tokenizer: Tokenizer | None, backend="numba", path=None,
-                 sentence: SentenceConfig | None = None):
+                 sentence: SentenceConfig | None = None, threads: int | None = None):
         self.config, self.params, self.tokenizer, self.path = cfg, params, tokenizer, path
         self.sentence = sentence or SentenceConfig()  # how embed() pools, truncates, normalises (sentence.py)
+        self.threads = check_threads(threads)         # the most threads a call uses (None: all configured)
         self.backend = backend
         self.ops = _backend_ops(backend, self)
 
@@ -109,7 +117,21 @@ class Model:
 
     # ------------------------------------------------------------ forward
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, fca: FCAConfig | None = None,
-                output_hidden_states=False, output_attentions=False, trace=False, pad_to=None) -> Output:
+                output_hidden_states=False, output_attentions=False, trace=False, pad_to=None,
+                threads=None) -> Output:
+        with self._threads(threads):
+            return self._forward(input_ids, attention_mask, token_type_ids, fca, output_hidden_states,
+                                 output_attentions, trace, pad_to)
+
+    def _threads(self, threads):
+        """The thread limit of one call: its own `threads=`, else the one of the call it is inside
+        (embed -> forward), else the model's (from_pretrained)."""
+        if threads is None and threadlimit.active():
+            return nullcontext()
+        return threadlimit.thread_limit(self.threads if threads is None else threads, numba=self.backend == "numba")
+
+    def _forward(self, input_ids, attention_mask, token_type_ids, fca, output_hidden_states, output_attentions,
+                 trace, pad_to) -> Output:
         ids, mask, tt = self._check_ids(input_ids, attention_mask, token_type_ids)
         cfg = self.config
         if fca is not None:
@@ -168,8 +190,25 @@ class Model:
             rows = order[i:i + batch_size]                           # [b]
             yield rows, self.tokenizer.pad([encs[j] for j in rows], tokens=False)
 
+    def embed_batches(self, texts, fca=None, batch_size=32, max_length=None, truncation=None, normalize=None):
+        """(rows, vectors [b, H] float32) per batch as it is computed, longest texts first: what `embed`
+        puts back in input order (vectors[i] is the embedding of texts[rows[i]]). For streaming jobs."""
+        st = self.sentence
+        st.check()
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if st.do_lower_case:
+            texts = [t.lower() if isinstance(t, str) else t for t in texts]
+        if max_length is None and st.max_seq_length is not None and truncation is not False:
+            max_length, truncation = min(st.max_seq_length, self.config.max_position_embeddings), True
+        unit = st.normalize if normalize is None else bool(normalize)
+        for rows, enc in self.batches(texts, None, batch_size, max_length, truncation):
+            out = self(enc, fca=fca)
+            v = pool(out.last_hidden_state, out.mask, out.sizes, st.pooling)  # [b, H]
+            yield rows, l2_normalize(v) if unit else v
+
     def embed(self, texts, fca=None, batch_size=32, max_length=None, truncation=None, normalize=None,
-              show_progress_bar=False, *, normalize_embeddings=None, convert_to_numpy=True, convert_to_tensor=False):
+              show_progress_bar=False, threads=None, *, normalize_embeddings=None, convert_to_numpy=True,
+              convert_to_tensor=False):
         """Sentence embeddings [N, H] float32 in the order of `texts`, or [H] for a single string.
 
         Follows a sentence-transformers checkpoint's files (minifca/sentence.py): pooling (mean, or [CLS]),
@@ -183,28 +222,19 @@ class Model:
         if convert_to_tensor:
             raise InputError("convert_to_tensor=True: minifca returns NumPy arrays (no torch); "
                              "use torch.from_numpy(model.embed(...))")
-        st = self.sentence
-        st.check()
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
-        if st.do_lower_case:
-            texts = [t.lower() if isinstance(t, str) else t for t in texts]
-        if max_length is None and st.max_seq_length is not None and truncation is not False:
-            max_length, truncation = min(st.max_seq_length, self.config.max_position_embeddings), True
         emb = np.empty((len(texts), self.config.hidden_size), np.float32)  # [N, H]
-        with progress(len(texts), "embed", show_progress_bar) as bar:
-            for rows, enc in self.batches(texts, None, batch_size, max_length, truncation):
-                out = self(enc, fca=fca)
-                emb[rows] = pool(out.last_hidden_state, out.mask, out.sizes, st.pooling)  # [b, H] back in place
+        with self._threads(threads), progress(len(texts), "embed", show_progress_bar) as bar:
+            for rows, v in self.embed_batches(texts, fca, batch_size, max_length, truncation, norm):
+                emb[rows] = v                                        # [b, H] back in input order
                 bar.update(len(rows))
-        if st.normalize if norm is None else norm:
-            emb = l2_normalize(emb)                                  # [N, H]
         if single:
             return emb[0]                                            # [H]
         return emb if convert_to_numpy else list(emb)
 
     def classify(self, texts, pairs=None, fca=None, batch_size=32, max_length=None, truncation=None,
-                 show_progress_bar=False):
+                 show_progress_bar=False, threads=None):
         """[(label, probabilities)] per text, in the order of `texts` (one tuple for a single string);
         needs a checkpoint with a classifier head."""
         if "classifier" not in self.params:
@@ -212,7 +242,7 @@ class Model:
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         res = [None] * len(texts)
-        with progress(len(texts), "classify", show_progress_bar) as bar:
+        with self._threads(threads), progress(len(texts), "classify", show_progress_bar) as bar:
             for rows, enc in self.batches(texts, pairs, batch_size, max_length, truncation):
                 probs = reference.softmax(self(enc, fca=fca).logits.astype(np.float64))  # [b, C]
                 for r, p in zip(rows, probs):
@@ -254,15 +284,25 @@ def _backend_ops(backend, model):
     raise ConfigError(f"backend {backend!r} unknown; choose from {', '.join(BACKENDS)}")
 
 
-def from_pretrained(name_or_path, backend="numba") -> Model:
-    """Load a BERT checkpoint from a folder (or a hub id): config.json + safetensors + tokenizer."""
+def from_pretrained(name_or_path, backend="numba", *, threads=None, revision=None, cache_dir=None,
+                    local_files_only=False, token=None) -> Model:
+    """Load a BERT checkpoint from a folder (or a hub id): config.json + safetensors + tokenizer.
+
+    threads: the most threads each call may use (Numba and BLAS; None: all configured; a call's own
+    `threads=` overrides it). revision, cache_dir, local_files_only, token: for a hub id, passed to
+    huggingface_hub's snapshot_download (a branch, tag or commit; the cache folder; no network; an
+    access token), as transformers' from_pretrained takes them.
+    """
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r} unknown; choose from {', '.join(BACKENDS)}")
-    folder = _resolve(name_or_path)
+    check_threads(threads)
+    folder = _resolve(name_or_path, {"revision": revision, "cache_dir": cache_dir,
+                                     "local_files_only": local_files_only, "token": token})
     cfg = BertConfig.from_json(folder / "config.json")
     files = find_weight_files(folder)
     params = to_params(load_state(files, cfg), cfg)
     tok = None
     if (folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file():
         tok = Tokenizer.from_folder(folder, cfg.max_position_embeddings, cfg.pad_token_id)
-    return Model(cfg, params, tok, backend=backend, path=folder, sentence=SentenceConfig.from_folder(folder))
+    return Model(cfg, params, tok, backend=backend, path=folder, sentence=SentenceConfig.from_folder(folder),
+                 threads=threads)

@@ -223,3 +223,59 @@ def test_hub_download_fetches_the_sentence_files():
     got = set(filter_repo_objects(repo, allow_patterns=NEEDED_FILES))
     assert got == {"modules.json", "sentence_bert_config.json", "1_Pooling/config.json", "config.json",
                    "model.safetensors", "tokenizer.json"}
+
+
+# ---------------------------------------------------------------- threads=
+
+
+class Spy:
+    """The numba ops with bert_forward wrapped to record the thread limits in force during each forward."""
+
+    def __init__(self, ops, seen):
+        self._ops, self._seen = ops, seen
+
+    def __getattr__(self, name):
+        return getattr(self._ops, name)
+
+    def bert_forward(self, *a, **k):
+        import numba
+        from threadpoolctl import threadpool_info
+        blas = {d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"}
+        self._seen.append((numba.get_num_threads(), blas))
+        return self._ops.bert_forward(*a, **k)
+
+
+def limits_seen(model, call):
+    seen = []
+    model.ops = Spy(model.ops, seen)
+    try:
+        call()
+    finally:
+        model.ops = model.ops._ops
+    return seen
+
+
+def test_threads_limit_numba_and_blas_during_the_call(minilm_path, mixed):
+    import numba
+    from threadpoolctl import threadpool_info
+    top = numba.config.NUMBA_NUM_THREADS
+    blas_before = [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+    model = minifca.from_pretrained(minilm_path, threads=1)
+    seen = limits_seen(model, lambda: model.embed(mixed[:6], batch_size=2))
+    assert seen == [(1, {1})] * 3                                # the model's threads=1, in every forward
+    n = min(2, top)
+    seen = limits_seen(model, lambda: model.embed(mixed[:6], batch_size=2, threads=n))
+    assert [s[0] for s in seen] == [n] * 3                       # the call's threads= wins over the model's
+    seen = limits_seen(model, lambda: model.forward([[101, 102]], threads=1))
+    assert seen == [(1, {1})]
+    assert numba.get_num_threads() == top                        # put back after each call
+    assert [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"] == blas_before
+
+
+def test_threads_checked(minilm_path):
+    import numba
+    with pytest.raises(InputError, match="threads"):
+        minifca.from_pretrained(minilm_path, threads=0)
+    model = minifca.from_pretrained(minilm_path)
+    with pytest.raises(InputError, match="NUMBA_NUM_THREADS"):
+        model.embed("a", threads=numba.config.NUMBA_NUM_THREADS + 1)

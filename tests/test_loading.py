@@ -203,6 +203,44 @@ def test_hub_id_from_local_cache_offline(offline_cache, minilm_path):
     np.testing.assert_array_equal(model.embed(texts), local.embed(texts))
 
 
+MINILM_FILES = ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+def test_hub_options_cache_dir_revision_local_files_only(tmp_path, minilm_path, monkeypatch):
+    """cache_dir, revision and local_files_only reach huggingface_hub: a cache that only cache_dir names,
+    no HF_HUB_OFFLINE, and local_files_only=True so nothing is asked of the network."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    cache = tmp_path / "elsewhere"
+    rev = fake_hub_cache(cache, "org/minilm", minilm_path, MINILM_FILES)
+    for revision in (None, "main", rev):
+        model = minifca.from_pretrained("org/minilm", backend="numpy", cache_dir=cache, local_files_only=True,
+                                        revision=revision)
+        assert model.path == cache / "models--org--minilm" / "snapshots" / rev
+    with pytest.raises(CheckpointError, match="org/minilm.*at revision v9-not-there"):
+        minifca.from_pretrained("org/minilm", backend="numpy", cache_dir=cache, local_files_only=True,
+                                revision="v9-not-there")
+
+
+def test_hub_options_passed_through(tmp_path, minilm_path, monkeypatch):
+    import huggingface_hub
+    seen = {}
+
+    def fake_snapshot_download(repo_id, **kw):
+        seen.update(kw, repo_id=repo_id)
+        return str(link_folder(minilm_path, tmp_path / "snap", MINILM_FILES))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    minifca.from_pretrained("org/private", backend="numpy", revision="v1.0", cache_dir=tmp_path / "c",
+                            local_files_only=True, token="hf_not_a_real_token")
+    assert seen["repo_id"] == "org/private" and seen["revision"] == "v1.0" and seen["cache_dir"] == tmp_path / "c"
+    assert seen["local_files_only"] is True and seen["token"] == "hf_not_a_real_token"
+    assert "modules.json" in seen["allow_patterns"]
+
+
+def test_hub_options_refused_for_a_local_folder(minilm_path):
+    with pytest.raises(InputError, match="revision"):
+        minifca.from_pretrained(minilm_path, revision="main")
+
+
 def test_hub_id_through_environment_only(tmp_path, minilm_path):
     """A user's set-up: only HF_HUB_CACHE and HF_HUB_OFFLINE=1 in the environment of the `minifca` command."""
     import os
