@@ -79,9 +79,11 @@ class BertConfig:
             if not isinstance(id2label, dict) or not id2label:
                 raise ConfigError(f"{source}: field 'id2label' must be a non-empty object")
             try:
-                id2label = {int(k): str(v) for k, v in id2label.items()}
+                id2label = {int(k): v for k, v in id2label.items()}
             except (TypeError, ValueError):
                 raise ConfigError(f"{source}: field 'id2label' has keys that are not integers") from None
+            if not all(isinstance(v, str) for v in id2label.values()):
+                raise ConfigError(f"{source}: field 'id2label' must map class numbers to names (strings)")
             if sorted(id2label) != list(range(len(id2label))):
                 raise ConfigError(f"{source}: field 'id2label' keys must be 0..{len(id2label) - 1}")
             if num_labels is not None and num_labels != len(id2label):
@@ -98,7 +100,10 @@ class BertConfig:
             raise ConfigError(f"{source}: label2id {sorted(label2id)} contradicts id2label {sorted(id2label.values())}")
         kw["num_labels"] = num_labels
         kw["id2label"] = id2label
-        kw["architectures"] = tuple(d.get("architectures") or ())
+        arch = d.get("architectures") or []
+        if not isinstance(arch, list) or not all(isinstance(a, str) for a in arch):
+            raise ConfigError(f"{source}: field 'architectures' must be a list of class names, got {arch!r}")
+        kw["architectures"] = tuple(arch)
         return cls(**kw)
 
     @classmethod
@@ -107,7 +112,9 @@ class BertConfig:
         if not path.is_file():
             raise ConfigError(f"{path}: config.json not found")
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+            d = json.loads(path.read_bytes().decode("utf-8"))
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ConfigError(f"{path}: not valid JSON, or not UTF-8 ({type(e).__name__}: {e})") from None
         return cls.from_dict(d, source=str(path))

@@ -178,6 +178,9 @@ class FCAConfig:
     def __post_init__(self):
         if isinstance(self.keep, tuple):
             self.keep = list(self.keep)
+        for name in ("score", "aggregate"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"FCA {name} must be a rule's name (a string), got {getattr(self, name)!r}")
         if self.score not in SCORES:
             raise ConfigError(f"FCA score {self.score!r} unknown; choose from {', '.join(SCORES)}")
         if self.aggregate not in AGGREGATES:
@@ -260,15 +263,15 @@ class FCAConfig:
         if path.exists() and not path.is_file():
             raise ConfigError(f"{path}: not a file (an FCA schedule is a JSON file)")
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: schedule file not found") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not a text file (an FCA schedule is a JSON file)") from None
         except OSError as e:
             raise ConfigError(f"{path}: cannot read the schedule ({e.strerror or e})") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
         return cls.from_dict(d, source=str(path))
 
 
@@ -291,14 +294,73 @@ def reduce_sequence(cfg, layer, x, sizes, stats, keys, rng, n_tokens):
     alone = np.arange(n), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
     if k >= n:
         return alone
-    s = np.asarray(SCORES[cfg.score](stats, x, keys, rng), dtype=np.float64)  # [n]
+    s = checked_scores(cfg.score, SCORES[cfg.score](stats, x, keys, rng), n)  # [n]
     fine = select(s, k)                                              # [k]
     rest = np.delete(np.arange(n), fine)                             # [m] in sequence order
-    groups, w = AGGREGATES[cfg.aggregate](s[rest], sizes[rest], keys[rest].astype(np.float64), cfg.clusters)
-    groups = np.asarray(groups, np.int64)
+    groups, w = checked_groups(cfg.aggregate, AGGREGATES[cfg.aggregate](s[rest], sizes[rest],
+                                                                        keys[rest].astype(np.float64), cfg.clusters),
+                               len(rest))                           # [m], [m]
     if (groups >= 0).all() and len(np.unique(groups)) == len(rest):  # each unit left would be a coarse unit
         return alone                                                 # on its own: nothing shrinks, layer left alone
-    return fine, rest, groups, np.asarray(w, np.float64)
+    return fine, rest, groups, w
+
+
+def _what(v) -> str:
+    """A short description of what a rule returned, for its error message."""
+    a = np.asarray(v, dtype=object) if not isinstance(v, np.ndarray) else v
+    text = " ".join(str(v).split())                                  # one line
+    return f"{type(v).__name__} of shape {a.shape}, dtype {getattr(v, 'dtype', a.dtype)}: {text[:60]}"
+
+
+def checked_scores(rule, s, n) -> np.ndarray:
+    """A score rule's output as float64 [n]; ConfigError naming the rule unless it is n finite numbers."""
+    try:
+        a = np.asarray(s, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(f"FCA score rule {rule!r} returned {_what(s)}; expected {n} numbers") from None
+    if a.shape != (n,):
+        raise ConfigError(f"FCA score rule {rule!r} returned {_what(s)}; expected one score per unit, shape ({n},)")
+    if not np.isfinite(a).all():
+        raise ConfigError(f"FCA score rule {rule!r} returned non-finite scores (e.g. {a[~np.isfinite(a)][0]}); "
+                          f"scores must be finite numbers")
+    return a
+
+
+def checked_groups(rule, out, m):
+    """An aggregation rule's (groups, weights) for m units, checked against the contract in the module doc.
+
+    groups: m integers, -1 (dropped) or a coarse unit 0..G-1, each of the G used, G <= m; weights: m finite
+    numbers >= 0, summing to 1 in each group (within float32 rounding: each weight off by at most 2^-24 of
+    itself, so a group's sum by at most m * 2^-23, plus 1e-6 of slack for float64 rules). ConfigError naming
+    the rule otherwise.
+    """
+    try:
+        groups, w = out
+        g, w = np.asarray(groups), np.asarray(w, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(f"FCA aggregate rule {rule!r} returned {_what(out)}; expected (groups, weights)") from None
+    if g.shape != (m,) or w.shape != (m,):
+        raise ConfigError(f"FCA aggregate rule {rule!r} returned groups of shape {g.shape} and weights of shape "
+                          f"{w.shape}; expected one of each per unit left, shape ({m},)")
+    if g.dtype.kind not in "iu" and not (g.dtype.kind == "f" and np.isfinite(g).all() and (g == np.round(g)).all()):
+        raise ConfigError(f"FCA aggregate rule {rule!r} returned groups of dtype {g.dtype}; expected integers")
+    g = g.astype(np.int64)
+    used = np.unique(g[g >= 0])
+    if (g < -1).any() or (len(used) and (used[-1] >= m or len(used) != used[-1] + 1)):
+        raise ConfigError(f"FCA aggregate rule {rule!r} returned groups {g.tolist()[:12]}; each must be -1 (dropped) "
+                          f"or a coarse unit 0..G-1 with every one of them used and G <= {m} (the units left)")
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ConfigError(f"FCA aggregate rule {rule!r} returned weights {w.tolist()[:12]}; they must be finite "
+                          f"and >= 0")
+    if len(used):
+        total = np.zeros(len(used))
+        np.add.at(total, g[g >= 0], w[g >= 0])
+        off = np.abs(total - 1)
+        if (off > 1e-6 + m * 2.0 ** -23).any():
+            bad = int(np.argmax(off))
+            raise ConfigError(f"FCA aggregate rule {rule!r}: the weights of coarse unit {bad} sum to {float(total[bad])!r}, "
+                              f"not 1")
+    return g, w
 
 
 def merge(x, sizes, fine, rest, groups, w):

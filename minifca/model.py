@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ NEEDED_FILES = ["config.json", "model.safetensors", "model.safetensors.index.jso
                 "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
                 "modules.json", "sentence_bert_config.json", "*/config.json"]  # sentence-transformers' (sentence.py)
 BACKENDS = ("numpy", "numba", "cuda")
+HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")  # huggingface_hub's rules, in short
 
 
 @dataclass
@@ -32,7 +34,7 @@ class Output:
     mask: np.ndarray                         # [B, n] 1 = valid unit
     sizes: np.ndarray                        # [B, n] input tokens each unit stands for
     pooler_output: np.ndarray | None = None  # [B, H]
-    logits: np.ndarray | None = None         # [B, C] (classifier) or [B, n, V] (masked LM)
+    logits: np.ndarray | None = None         # [B, C] (classifier), [B, L, C] (token classifier), [B, L, V] (MLM)
     hidden_states: list | None = None        # num_layers + 1 arrays [B, n_l, H]
     attentions: list | None = None           # num_layers arrays [B, h, n_l, n_l]
     flops: int = 0                           # this forward, valid units only
@@ -41,6 +43,7 @@ class Output:
     flops_per_sequence: np.ndarray | None = None  # [B]
     trace: list | None = None                # per layer, per sequence: [{kind, tokens, weights}]
     units: list | None = None                # per layer unit counts (FCA only)
+    why_no_logits: str | None = None         # set when the checkpoint has a head but this forward has no logits
 
     @property
     def embeddings(self) -> np.ndarray:
@@ -52,6 +55,10 @@ def _resolve(name_or_path, hub=None) -> Path:
     """A local folder as it is; anything else is a hub id fetched by huggingface_hub (cache first).
     hub: snapshot_download's revision, cache_dir, local_files_only, token (those given)."""
     hub = {k: v for k, v in (hub or {}).items() if v is not None and v is not False}
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise CheckpointError(f"a checkpoint is a folder path or a hub id (a string), got {type(name_or_path).__name__}")
+    if not str(name_or_path).strip():
+        raise CheckpointError("the checkpoint name is empty: give a folder or a hub id (e.g. 'user/model')")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if hub:
@@ -62,6 +69,9 @@ def _resolve(name_or_path, hub=None) -> Path:
     s = str(name_or_path)
     if s.startswith((".", "/", "~")) or s.count("/") > 1 or not s:
         raise CheckpointError(f"{s}: no such directory")
+    if not HUB_ID.fullmatch(s) or "--" in s or ".." in s:
+        raise CheckpointError(f"{s!r}: no such directory, and not a hub id ('name' or 'user/name': letters, digits, "
+                              f"'-', '_', '.'; at most 96 characters)")
     try:
         from huggingface_hub import snapshot_download
         local = snapshot_download(s, allow_patterns=NEEDED_FILES, **hub)
@@ -93,14 +103,17 @@ class Model:
 
     def _check_ids(self, ids, mask, tt):
         ids = _array("input_ids", ids)
-        if ids.ndim == 1:
+        one = ids.ndim == 1                                          # one sequence: [L] -> [1, L]
+        if one:
             ids = ids[None]
         if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
             raise InputError(f"input_ids must be a non-empty [batch, length] array, got shape {ids.shape}")
         if not np.issubdtype(ids.dtype, np.integer):
             raise InputError(f"input_ids must be integers, got {ids.dtype}")
-        mask = np.ones_like(ids) if mask is None else _array("attention_mask", mask, ids.shape)
-        tt = np.zeros_like(ids) if tt is None else _array("token_type_ids", tt, ids.shape)
+        mask = np.ones_like(ids) if mask is None else _mask_array(_array("attention_mask", mask, ids.shape, one))
+        tt = np.zeros_like(ids) if tt is None else _array("token_type_ids", tt, ids.shape, one)
+        if not np.issubdtype(tt.dtype, np.integer):
+            raise InputError(f"token_type_ids must be integers, got {tt.dtype}")
         cfg = self.config
         if ids.shape[1] > cfg.max_position_embeddings:
             raise InputError(f"input length {ids.shape[1]} exceeds max_position_embeddings "
@@ -134,10 +147,16 @@ class Model:
                  trace, pad_to) -> Output:
         ids, mask, tt = self._check_ids(input_ids, attention_mask, token_type_ids)
         cfg = self.config
+        if pad_to is not None and (isinstance(pad_to, bool) or not isinstance(pad_to, (int, np.integer)) or pad_to < 0):
+            raise InputError(f"pad_to must be a non-negative integer (a length for the padded FLOPs) or None, "
+                             f"got {pad_to!r}")
         if fca is not None:
             if not isinstance(fca, FCAConfig):
                 raise ConfigError(f"fca must be an FCAConfig or None, got {type(fca).__name__}")
             fca.check_layers(cfg.num_hidden_layers)
+            if "token_classifier" in self.params:
+                raise ConfigError(f"{self.path}: a token classifier (BertForTokenClassification) labels every input "
+                                  f"token, and FCA merges tokens: run it without fca")
         r = self.ops.bert_forward(self.params, cfg, ids, mask, tt, fca=fca, ops=self.ops,
                                   keys=sequence_keys(ids, mask) if fca is not None else None,
                                   output_hidden_states=output_hidden_states,
@@ -148,14 +167,21 @@ class Model:
         p = self.params
         if "pooler" in p:
             out.pooler_output = reference.pooler(x, **p["pooler"])
-            if "classifier" in p:
-                out.logits = reference.classifier(out.pooler_output, **p["classifier"])
+        if "classifier" in p:
+            out.logits = reference.classifier(out.pooler_output, **p["classifier"])
+        elif "token_classifier" in p:
+            out.logits = reference.classifier(x, **p["token_classifier"])       # [B, L, H] -> [B, L, C]
         elif "mlm" in p and fca is None:
             out.logits = reference.mlm_head(x, **p["mlm"], act=cfg.hidden_act, eps=cfg.layer_norm_eps)
-        if not np.isfinite(x).all():
-            raise InputError("the forward produced non-finite values (NaN/inf): the weights or input are broken")
+        elif "mlm" in p:
+            out.why_no_logits = ("no masked-LM logits with FCA: the head predicts the token at each input position, "
+                                 "and FCA has merged positions into coarse units (run without fca for logits)")
+        if not np.isfinite(x).all() or (out.logits is not None and not np.isfinite(out.logits).all()):
+            raise InputError("the forward produced non-finite values (NaN/inf): an activation overflowed float32")
         n_tokens = (mask > 0).sum(1)
         head = head_flops(cfg, "pooler" in p, "classifier" in p)
+        if "token_classifier" in p:                                  # 2 H C per token
+            head = head + 2 * cfg.hidden_size * cfg.num_labels * n_tokens.astype(np.int64)
         per_seq = model_flops(cfg, n_tokens, r["units"], head)
         padded_len = np.maximum(n_tokens, ids.shape[1] if pad_to is None else int(pad_to))
         out.flops_per_sequence = per_seq
@@ -176,13 +202,9 @@ class Model:
         in `texts`. Sorted by token count, each batch pads to a length its texts share (sentence-transformers'
         encode sorts too): 5,000 SST-2 sentences in batches of 32 compute 2.97x their tokens in the given
         order, 1.01x sorted (tests/test_embed.py counts it)."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts:
-            raise InputError("empty input: give at least one text")
+        texts, pairs = _texts(texts, pairs, batch_size)
         if self.tokenizer is None:
             raise InputError(f"{self.path}: this checkpoint has no tokenizer; call forward() with input_ids")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         encs = self.tokenizer.encode(texts, pairs, max_length=max_length, truncation=truncation)
         lengths = np.array([len(e.ids) for e in encs])               # [N]
         order = np.argsort(-lengths, kind="stable")                  # [N] longest first, ties in input order
@@ -195,7 +217,7 @@ class Model:
         puts back in input order (vectors[i] is the embedding of texts[rows[i]]). For streaming jobs."""
         st = self.sentence
         st.check()
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts, _ = _texts(texts, None, batch_size)
         if st.do_lower_case:
             texts = [t.lower() if isinstance(t, str) else t for t in texts]
         if max_length is None and st.max_seq_length is not None and truncation is not False:
@@ -223,7 +245,7 @@ class Model:
             raise InputError("convert_to_tensor=True: minifca returns NumPy arrays (no torch); "
                              "use torch.from_numpy(model.embed(...))")
         single = isinstance(texts, str)
-        texts = [texts] if single else list(texts)
+        texts, _ = _texts(texts, None, batch_size)
         emb = np.empty((len(texts), self.config.hidden_size), np.float32)  # [N, H]
         with self._threads(threads), progress(len(texts), "embed", show_progress_bar) as bar:
             for rows, v in self.embed_batches(texts, fca, batch_size, max_length, truncation, norm):
@@ -237,10 +259,13 @@ class Model:
                  show_progress_bar=False, threads=None):
         """[(label, probabilities)] per text, in the order of `texts` (one tuple for a single string);
         needs a checkpoint with a classifier head."""
+        if "token_classifier" in self.params:
+            raise CheckpointError(f"{self.path}: this checkpoint classifies tokens (BertForTokenClassification), not "
+                                  f"sentences: its per-token logits are forward(...).logits [B, L, C]")
         if "classifier" not in self.params:
             raise CheckpointError(f"{self.path}: this checkpoint has no classifier head (classifier.*)")
         single = isinstance(texts, str)
-        texts = [texts] if single else list(texts)
+        texts, pairs = _texts(texts, pairs, batch_size)
         res = [None] * len(texts)
         with self._threads(threads), progress(len(texts), "classify", show_progress_bar) as bar:
             for rows, enc in self.batches(texts, pairs, batch_size, max_length, truncation):
@@ -258,18 +283,57 @@ def _same(name, value, alias, alias_value):
     return value if value is not None else alias_value
 
 
-def _array(name, x, shape=None):
-    """np.asarray(x) (reshaped to `shape`), with an InputError naming the argument instead of NumPy's."""
+def _array(name, x, shape=None, one=False):
+    """np.asarray(x), with an InputError naming the argument instead of NumPy's.
+
+    shape: the exact shape x must have (input_ids'); one: input_ids was one sequence [L], so
+    [L] is accepted too. Never reshaped: a transposed mask of the same size is a mistake.
+    """
     try:
         a = np.asarray(x)
-    except ValueError:
+    except (ValueError, TypeError):
         raise InputError(f"{name} must be a rectangular [batch, length] array (rows of equal length; "
                          f"pad them and give an attention_mask)") from None
     if shape is not None:
-        if a.size != int(np.prod(shape)):
-            raise InputError(f"{name} has shape {a.shape}, input_ids has {tuple(shape)}")
-        a = a.reshape(shape)
+        if one and a.shape == tuple(shape[1:]):
+            a = a[None]
+        if a.shape != tuple(shape):
+            raise InputError(f"{name} has shape {a.shape}, input_ids has {tuple(shape)}: they must match exactly")
     return a
+
+
+def _mask_array(mask):
+    """An attention_mask as int64 0/1: booleans, or numbers that are all 0 or 1 (not 2, -1, 0.5 or NaN)."""
+    if mask.dtype.kind not in "biuf":
+        raise InputError(f"attention_mask must be 0/1 numbers or booleans, got dtype {mask.dtype}")
+    if mask.dtype.kind != "b":
+        bad = (mask != 0) & (mask != 1)
+        if bad.any():
+            b, i = np.argwhere(bad)[0]
+            raise InputError(f"attention_mask must hold 0 (padding) or 1 (token); [{b}, {i}] is {mask[b, i]}")
+    return mask.astype(np.int64)
+
+
+def _texts(texts, pairs, batch_size):
+    """The texts (and pairs) of embed/classify as lists, checked once before any batch is tokenized."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(texts, str):
+        texts = [texts]
+    if texts is None or isinstance(texts, (bytes, bytearray, dict)) or not hasattr(texts, "__iter__"):
+        raise InputError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
+    texts = list(texts)
+    if not texts:
+        raise InputError("empty input: give at least one text")
+    if isinstance(pairs, str):
+        pairs = [pairs]
+    if pairs is not None:
+        if isinstance(pairs, (bytes, bytearray, dict)) or not hasattr(pairs, "__iter__"):
+            raise InputError(f"pairs must be a string or a list of strings, got {type(pairs).__name__}")
+        pairs = list(pairs)
+        if len(pairs) != len(texts):
+            raise InputError(f"{len(texts)} texts but {len(pairs)} pairs: give one second sentence per text")
+    return texts, pairs
 
 
 def _backend_ops(backend, model):
@@ -285,22 +349,27 @@ def _backend_ops(backend, model):
 
 
 def from_pretrained(name_or_path, backend="numba", *, threads=None, revision=None, cache_dir=None,
-                    local_files_only=False, token=None) -> Model:
+                    local_files_only=False, token=None, mmap=True) -> Model:
     """Load a BERT checkpoint from a folder (or a hub id): config.json + safetensors + tokenizer.
 
     threads: the most threads each call may use (Numba and BLAS; None: all configured; a call's own
     `threads=` overrides it). revision, cache_dir, local_files_only, token: for a hub id, passed to
     huggingface_hub's snapshot_download (a branch, tag or commit; the cache folder; no network; an
     access token), as transformers' from_pretrained takes them.
+    mmap=True (the default) memory-maps the weights: no copy, and pages are read as they are used.
+    If the file is truncated or replaced while the model is in use, the OS kills the process with
+    SIGBUS (as with any memory-mapped file). mmap=False reads the tensors into memory instead.
     """
-    if backend not in BACKENDS:
+    if not isinstance(backend, str) or backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r} unknown; choose from {', '.join(BACKENDS)}")
+    if not isinstance(mmap, (bool, np.bool_)):
+        raise ConfigError(f"mmap must be True or False, got {mmap!r}")
     check_threads(threads)
     folder = _resolve(name_or_path, {"revision": revision, "cache_dir": cache_dir,
                                      "local_files_only": local_files_only, "token": token})
     cfg = BertConfig.from_json(folder / "config.json")
     files = find_weight_files(folder)
-    params = to_params(load_state(files, cfg), cfg)
+    params = to_params(load_state(files, cfg, mmap=bool(mmap)), cfg)
     tok = None
     if (folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file():
         tok = Tokenizer.from_folder(folder, cfg.max_position_embeddings, cfg.pad_token_id)

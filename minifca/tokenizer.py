@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,15 @@ class Encoding:
 
 
 class Tokenizer:
-    """Wraps a `tokenizers.Tokenizer`; encodes single sentences or pairs into an Encoding."""
+    """Wraps a `tokenizers.Tokenizer`; encodes single sentences or pairs into an Encoding.
+
+    Safe to call from several threads at once: the wrapped tokenizer is never reconfigured after
+    construction. Truncation at a limit runs on a copy made once for that limit (`_truncating`),
+    because switching truncation on and off around each call on one shared object let a concurrent
+    call see the other's setting (untruncated texts cut short).
+    """
+
+    KEEP_COPIES = 8  # truncating copies kept (one per max_length in use); the oldest goes first
 
     def __init__(self, tk, max_positions: int, pad_id: int = 0):
         self._tk = tk
@@ -39,6 +48,22 @@ class Tokenizer:
         self.pad_id = pad_id
         self._tk.no_padding()
         self._tk.no_truncation()
+        self._copies: dict[int, object] = {}
+        self._lock = threading.Lock()
+
+    def _truncating(self, limit: int):
+        """The wrapped tokenizer with truncation to `limit` tokens switched on: a copy, made once per limit."""
+        tk = self._copies.get(limit)
+        if tk is None:
+            with self._lock:
+                tk = self._copies.get(limit)
+                if tk is None:
+                    tk = type(self._tk).from_str(self._tk.to_str())
+                    tk.enable_truncation(limit, strategy="longest_first")
+                    if len(self._copies) >= self.KEEP_COPIES:
+                        self._copies.pop(next(iter(self._copies)))
+                    self._copies[limit] = tk
+        return tk
 
     @classmethod
     def from_folder(cls, folder: Path, max_positions: int, pad_id: int = 0) -> "Tokenizer":
@@ -56,9 +81,16 @@ class Tokenizer:
             tc = folder / "tokenizer_config.json"
             if tc.is_file():
                 try:
-                    lower = bool(json.loads(tc.read_text()).get("do_lower_case", True))
-                except json.JSONDecodeError as e:
-                    raise TokenizerError(f"{tc}: not valid JSON ({e})") from None
+                    d = json.loads(tc.read_bytes().decode("utf-8"))
+                except OSError as e:
+                    raise TokenizerError(f"{tc}: cannot read ({e.strerror or e})") from None
+                except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
+                    raise TokenizerError(f"{tc}: not valid JSON, or not UTF-8 ({type(e).__name__}: {e})") from None
+                if not isinstance(d, dict):
+                    raise TokenizerError(f"{tc}: expected a JSON object, got {type(d).__name__}")
+                lower = d.get("do_lower_case", True)
+                if not isinstance(lower, bool):
+                    raise TokenizerError(f"{tc}: field 'do_lower_case' must be true or false, got {lower!r}")
             try:
                 wp = BertWordPieceTokenizer(str(vocab), lowercase=lower)
             except Exception as e:
@@ -84,32 +116,25 @@ class Tokenizer:
     def encode(self, texts, pairs=None, max_length: int | None = None, truncation: bool | None = None) -> list:
         """The unpadded encodings (`tokenizers.Encoding`: .ids, .type_ids, .tokens) of each text (pair),
         checked as `__call__` checks them. `pad` turns any selection of them into a batch."""
-        if isinstance(texts, str):
-            texts = [texts]
-        if isinstance(pairs, str):
-            pairs = [pairs]
-        texts = list(texts)
-        if not texts:
-            raise InputError("empty input: give at least one text")
-        if not all(isinstance(t, str) for t in texts):
-            raise InputError("texts must be strings")
+        texts = _strings("texts", texts)
         if pairs is not None:
-            pairs = list(pairs)
+            pairs = _strings("pairs", pairs)
             if len(pairs) != len(texts):
                 raise InputError(f"{len(texts)} texts but {len(pairs)} pairs: give one second sentence per text")
-            if not all(isinstance(t, str) for t in pairs):
-                raise InputError("pairs must be strings")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer))):
+            raise InputError(f"max_length must be an integer (tokens) or None, got {max_length!r}")
+        if truncation is not None and not isinstance(truncation, (bool, np.bool_)):
+            raise InputError(f"truncation must be True, False or None, got {truncation!r}")
         if truncation is None:
             truncation = max_length is not None
         limit = self.max_positions if max_length is None else int(max_length)
         if not 2 <= limit <= self.max_positions:
             raise InputError(f"max_length must be in [2, {self.max_positions}] (max_position_embeddings), got {limit}")
-        if truncation:
-            self._tk.enable_truncation(limit, strategy="longest_first")
+        tk = self._truncating(limit) if truncation else self._tk
         try:
-            batch = self._tk.encode_batch(list(zip(texts, pairs)) if pairs is not None else texts)
-        finally:
-            self._tk.no_truncation()
+            batch = tk.encode_batch(list(zip(texts, pairs)) if pairs is not None else texts)
+        except Exception as e:  # tokenizers raises TypeError/ValueError/its own on text it cannot encode
+            raise InputError(_unencodable(texts, pairs, e)) from None
         lengths = [len(e.ids) for e in batch]
         too_long = [i for i, n in enumerate(lengths) if n > limit]
         if too_long:
@@ -129,3 +154,30 @@ class Tokenizer:
             n = len(e.ids)
             ids[b, :n], mask[b, :n], tt[b, :n] = e.ids, 1, e.type_ids
         return Encoding(ids, mask, tt, [list(e.tokens) for e in batch] if tokens else None)
+
+
+def _strings(name, texts) -> list:
+    """`texts` as a non-empty list of str (one str is a list of one); InputError naming `name` otherwise."""
+    if isinstance(texts, str):
+        return [texts]
+    if texts is None or isinstance(texts, (bytes, bytearray, dict)) or not hasattr(texts, "__iter__"):
+        raise InputError(f"{name} must be a string or a list of strings, got {type(texts).__name__}")
+    texts = list(texts)
+    if not texts:
+        raise InputError(f"empty input: give at least one text" if name == "texts" else f"{name} is empty")
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise InputError(f"{name} must be strings: {name}[{bad}] is {type(texts[bad]).__name__} {texts[bad]!r:.40}")
+    return texts
+
+
+def _unencodable(texts, pairs, e) -> str:
+    """The message for a batch `tokenizers` refused: which text, and why (a lone surrogate, most often)."""
+    for name, seq in (("texts", texts), ("pairs", pairs or [])):
+        for i, t in enumerate(seq):
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as u:
+                return (f"{name}[{i}] cannot be encoded as UTF-8 (character {t[u.start]!r} at {u.start}: a lone "
+                        f"surrogate; decode your bytes with errors='replace' or fix the text)")
+    return f"the tokenizer cannot encode the input ({type(e).__name__}: {' '.join(str(e).split())})"

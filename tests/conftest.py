@@ -70,14 +70,14 @@ def write_random_checkpoint(folder, seed=0, dtype="float32", max_shard_size=None
     """A random-weight BERT written by transformers (save_pretrained, safetensors). Returns the folder.
 
     shape: any BertConfig fields (hidden_size, num_hidden_layers, ...). head: "classifier",
-    "mlm" or None (BertModel). dtype: "float32", "float16" or "bfloat16".
+    "token" (BertForTokenClassification), "mlm" or None (BertModel). dtype: "float32", "float16" or "bfloat16".
     """
     import torch
     import transformers
     torch.manual_seed(seed)
     cfg = transformers.BertConfig(**shape)
     cls = {"classifier": transformers.BertForSequenceClassification, "mlm": transformers.BertForMaskedLM,
-           None: transformers.BertModel}[head]
+           "token": transformers.BertForTokenClassification, None: transformers.BertModel}[head]
     model = cls(cfg).eval()
     with torch.no_grad():  # break the zero-init symmetry of biases/LayerNorms so every tensor matters
         for p in model.parameters():
@@ -93,7 +93,7 @@ def torch_reference(folder, head="classifier"):
     import torch
     import transformers
     cls = {"classifier": transformers.BertForSequenceClassification, "mlm": transformers.BertForMaskedLM,
-           None: transformers.BertModel}[head]
+           "token": transformers.BertForTokenClassification, None: transformers.BertModel}[head]
     return cls.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager").eval()
 
 

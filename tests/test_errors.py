@@ -10,7 +10,7 @@
     missing / unexpected / misshaped tensor      CheckpointError    the tensor
     unreadable tokenizer files                   TokenizerError     the file
     too long, empty, ids outside the vocab, ...  InputError         the limit / the id / the field
-    non-finite weights                           InputError         non-finite values
+    non-finite weights                           CheckpointError    the tensor (checked at load)
     unknown backend                              ConfigError        the backend
 """
 from __future__ import annotations
@@ -388,8 +388,7 @@ def test_classify_without_head(tmp_path):
 def test_nan_weights_never_pass_silently(tmp_path):
     state = tiny_state()
     state[Q0][0, 0] = np.nan
-    model = load(write_tiny(tmp_path / "m", state))
-    raised(InputError, model.forward, [[1, 2, 3]], match="non-finite")
+    raised(CheckpointError, load, write_tiny(tmp_path / "m", state), match=[Q0, "non-finite", "model.safetensors"])
 
 
 def test_unknown_backend(tiny):

@@ -20,6 +20,10 @@ against it (tests/test_kernels.py). What changes is how the work is done, not wh
   and a bitcast so its loops vectorise: libm's scalar expf/erff made softmax and GELU the
   largest non-GEMM costs (GELU over [1024, 1536]: 34 ms -> 1.5 ms on one core).
 
+Non-finite input (a NaN or inf that reaches a kernel) gives NaN or inf out, never an exception from
+inside a compiled loop: every kernel is compiled with NumPy's error model (`_jit`), so a softmax row
+whose sum is 0 or NaN divides as NumPy would instead of raising ZeroDivisionError.
+
 Fastmath only inside `_softmax_row` (the max and the sum may be reassociated, so they vectorise;
 softmax 4x cheaper), in the LayerNorm loops (reassociation only: their float64 sums vectorise;
 residual + LayerNorm over [128, 384] 90 -> 20 us on one thread, scripts/ab_ln_sums.py) and FMA contraction in attention; every row is still computed by one thread in
@@ -52,7 +56,7 @@ from ..errors import ConfigError
 
 F32 = np.float32
 ACT_CODES = {"gelu": 0, "gelu_new": 1, "gelu_pytorch_tanh": 1, "gelu_fast": 1, "relu": 2, "silu": 3, "swish": 3}
-_jit = dict(cache=True, nogil=True)
+_jit = dict(cache=True, nogil=True, error_model="numpy")  # x / 0 gives inf or NaN, as NumPy's: no ZeroDivisionError
 _SUMS = {"reassoc"}  # LayerNorm's float64 sums may be reassociated, so they vectorise (see _ln_row)
 
 # ---------------------------------------------------------------- row helpers (inlined into the loops below)
