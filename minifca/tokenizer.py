@@ -164,7 +164,7 @@ def _strings(name, texts) -> list:
         raise InputError(f"{name} must be a string or a list of strings, got {type(texts).__name__}")
     texts = list(texts)
     if not texts:
-        raise InputError(f"empty input: give at least one text" if name == "texts" else f"{name} is empty")
+        raise InputError("empty input: give at least one text" if name == "texts" else f"{name} is empty")
     bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
     if bad is not None:
         raise InputError(f"{name} must be strings: {name}[{bad}] is {type(texts[bad]).__name__} {texts[bad]!r:.40}")

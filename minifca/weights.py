@@ -96,7 +96,7 @@ def read_safetensors(path, mmap: bool = True) -> dict[str, np.ndarray]:
         if end > data_size:
             raise CheckpointError(f"{path}: tensor {name!r} lies outside the file ({where}): truncated or garbled")
         if start != pos or end - start != nbytes:
-            what = (f"overlaps the tensor before it" if start < pos else f"leaves a gap before it" if start > pos
+            what = ("overlaps the tensor before it" if start < pos else "leaves a gap before it" if start > pos
                     else f"spans {end - start} bytes but its shape {list(shape)} of {dtype} needs {nbytes}")
             raise CheckpointError(f"{path}: tensor {name!r} {what} ({where}); safetensors tensors fill the data "
                                   f"section in order, without gaps or overlaps: garbled header")

@@ -16,13 +16,18 @@ import textwrap
 import numpy as np
 import pytest
 import safetensors.numpy as stn
+from conftest import ROOT, torch_reference, write_random_checkpoint
+from test_errors import CFG, Q0, load, raised, tiny_state, write_tiny
 
 import minifca
 from minifca.errors import CheckpointError, ConfigError, TokenizerError
-from conftest import ROOT, torch_reference, write_random_checkpoint
-from test_errors import CFG, Q0, load, raised, tiny, tiny_state, write_tiny  # noqa: F401 (tiny: a fixture)
 
 K0 = "encoder.layer.0.attention.self.key.weight"
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return write_tiny(tmp_path / "tiny")
 
 
 def header_of(f):

@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_errors import raised, write_tiny
 
 import minifca
 from minifca import fca as fca_mod
 from minifca.errors import CheckpointError, ConfigError, InputError
-from test_errors import raised, tiny_model  # noqa: F401 (tiny_model: a fixture)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return minifca.from_pretrained(write_tiny(tmp_path_factory.mktemp("m") / "tiny"), backend="numpy")
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ def test_attention_with_non_finite_queries(value):
     rng = np.random.default_rng(0)
     B, n, H, h = 2, 5, 8, 2
     x = rng.standard_normal((B, n, H)).astype(F32)
-    w = lambda: {"w": rng.standard_normal((H, H)).astype(F32), "b": np.zeros(H, F32)}  # noqa: E731
+    w = lambda: {"w": rng.standard_normal((H, H)).astype(F32), "b": np.zeros(H, F32)}
     q, k, v, o = w(), w(), w(), w()
     q["b"][3] = value
     out, probs, stats, _ = cpu.attention(x, np.ones((B, n), F32), None, q, k, v, o, h, want_probs=True,
