@@ -3,11 +3,12 @@ and the accuracy/FLOPs plots (`minifca.plot`); the full model's predictions comp
 from __future__ import annotations
 
 import csv
+from contextlib import closing
 from pathlib import Path
 
 from .data import label_ids
 from .errors import ConfigError
-from .evaluate import make_batches, predict, run_key, summarize
+from .evaluate import make_batches, predict_many, run_key, summarize
 from .fca import FCAConfig
 from .plot import plot
 
@@ -51,43 +52,50 @@ def read_rows(path) -> list:
         return list(csv.DictReader(f))
 
 
-def ablate(model, data, rows, out, batch_size=64, pad_to=64, max_length=None, progress=False, log=print):
+def ablate(model, data, rows, out, batch_size=64, pad_to=64, max_length=None, progress=False, log=print,
+           runner=None):
     """Run the grid `rows`, appending one CSV row per configuration as it finishes (rows already in
-    out/results.csv are skipped, a half-done one resumes from its cached batches); then the table and plots."""
+    out/results.csv are skipped, a half-done one resumes from its cached batches); then the table and plots.
+    runner: where the passes run (cluster.Serial here by default, or a Dask runner: every configuration's
+    shards at once, rows written as configurations finish, the file put back in grid order at the end)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     labels = label_ids(data.labels, model.config, data.source)
     batches = make_batches(model, data, batch_size, max_length)
     cache = out / "cache"
-    full = predict(model, data, None, batches, pad_to, cache, progress, "full model")
-    full_pred = full["logits"].argmax(1)
     csv_path = out / "results.csv"
     done = {r["key"] for r in read_rows(csv_path)}
-    full_row = {"key": run_key(model, data, None, batches, pad_to), "label": "full model", "keep": "1.0", "level": 1.0,
-                **summarize(full, labels)}
+    keys = [run_key(model, data, None, batches, pad_to)] + [run_key(model, data, fca, batches, pad_to)
+                                                           for _, _, fca in rows]
+    for (label, level, _), key in zip(rows, keys[1:]):
+        if key in done:
+            log(f"done already: {label} {level}")
+    # the full model's pass always (agreement needs it; cached after the first run), each configuration once
+    todo = [i for i, key in enumerate(keys) if i == 0 or (key not in done and key not in keys[:i])]
+    fcas = [None if i == 0 else rows[i - 1][2] for i in todo]
     new_file = not csv_path.exists()
-    with open(csv_path, "a", newline="") as f:
+    passes = predict_many(model, data, fcas, batches, pad_to, cache, runner, progress, f"{len(todo) - 1} configurations")
+    with open(csv_path, "a", newline="") as f, closing(passes):      # closed when interrupted: no task left running
         w = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
         if new_file:
             w.writeheader()
-        if full_row["key"] not in done:
-            w.writerow(full_row)
-        for label, level, fca in rows:
-            key = run_key(model, data, fca, batches, pad_to)
-            if key in done:
-                log(f"done already: {label} {level}")
-                continue
-            r = summarize(predict(model, data, fca, batches, pad_to, cache, progress, f"{label} {level}"), labels,
-                          full_pred)
-            keep = fca.keep if not isinstance(fca.keep, list) else ",".join(f"{v:g}" for v in fca.keep)
-            row = {"key": key, "label": label, "score": fca.score, "aggregate": fca.aggregate,
-                   "clusters": fca.clusters, "proportional": fca.proportional_attention,
-                   "start_layer": fca.start_layer, "keep": keep, "level": level, **r}
-            w.writerow(row)
-            f.flush()
-            done.add(key)
-            log(f"{label:<45} {level!s:>5}  acc {r['accuracy']:.4f}  agree {r['agreement']:.4f}  "
-                f"FLOPs {r['flops_ratio']:.3f} (padded {r['flops_ratio_padded']:.3f})  {r['seconds']:.1f} s")
+        full_pred, waiting = None, {}                                # passes done, waiting for the full model's
+        for t, run in passes:
+            waiting[todo[t]] = run
+            if 0 in waiting:                                         # rows need the full model's predictions
+                full_pred = waiting[0]["logits"].argmax(1)
+            for i in sorted(waiting) if full_pred is not None else ():
+                r = summarize(waiting.pop(i), labels, full_pred if i else None)
+                if keys[i] in done:                                  # the full model's row on a rerun
+                    continue
+                w.writerow(_grid_row(keys[i], None if i == 0 else rows[i - 1], r))
+                f.flush()
+                done.add(keys[i])
+                if i:
+                    label, level, _ = rows[i - 1]
+                    log(f"{label:<45} {level!s:>5}  acc {r['accuracy']:.4f}  agree {r['agreement']:.4f}  "
+                        f"FLOPs {r['flops_ratio']:.3f} (padded {r['flops_ratio_padded']:.3f})  {r['seconds']:.1f} s")
+    _in_grid_order(csv_path, keys)
     table = read_rows(csv_path)
     (out / "results.md").write_text(results_table(table, pad_to) + "\naccuracy (FLOPs / full model, unpadded) by "
                                     "rule and keep level:\n\n" + pivot_table(table))
@@ -96,6 +104,33 @@ def ablate(model, data, rows, out, batch_size=64, pad_to=64, max_length=None, pr
         log("matplotlib is not installed: wrote results.csv and results.md but no tradeoff.png "
             "(pip install 'minifca[plot]' or pip install matplotlib, then rerun: finished rows are not recomputed)")
     return table
+
+
+def _grid_row(key, grid_row, r) -> dict:
+    """results.csv's row of one pass: the grid row (label, level, FCAConfig; None = the full model) and its summary."""
+    if grid_row is None:
+        return {"key": key, "label": "full model", "keep": "1.0", "level": 1.0, **r}
+    label, level, fca = grid_row
+    keep = fca.keep if not isinstance(fca.keep, list) else ",".join(f"{v:g}" for v in fca.keep)
+    return {"key": key, "label": label, "score": fca.score, "aggregate": fca.aggregate, "clusters": fca.clusters,
+            "proportional": fca.proportional_attention, "start_layer": fca.start_layer, "keep": keep,
+            "level": level, **r}
+
+
+def _in_grid_order(csv_path, keys):
+    """Rewrite results.csv with this grid's rows in grid order (the full model first) after rows from earlier
+    grids, as a serial run writes it; rows finished on a cluster come in any order."""
+    rows = read_rows(csv_path)
+    rank = {k: i for i, k in enumerate(keys)}
+    ordered = sorted(rows, key=lambda r: rank.get(r["key"], -1))    # stable: earlier grids' rows first, as they were
+    if [r["key"] for r in ordered] == [r["key"] for r in rows]:
+        return
+    tmp = csv_path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(ordered)
+    tmp.replace(csv_path)
 
 
 def pivot_table(rows, x="flops_ratio") -> str:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .cluster import Serial
 from .errors import ConfigError, InputError
-from .evaluate import make_batches, predict
+from .evaluate import make_batches, predict, predict_many
 from .fca import FCAConfig
 from .reference import softmax
 
@@ -27,7 +28,7 @@ def embedding_pass(model, batches, fca):
 
 
 def calibrate(model, data, target, base=None, step=0.2, floor=0.01, batch_size=64, refine=1, rules=(), start=None,
-              log=print, objective="logits"):
+              log=print, objective="logits", runner=None):
     """Per-layer keep ratios maximising agreement with the full model on `data` with FLOPs <= target x full.
 
     Greedy descent from keeping everything (or from `start`): each step lowers one layer's ratio by `step` (later layers
@@ -40,35 +41,46 @@ def calibrate(model, data, target, base=None, step=0.2, floor=0.01, batch_size=6
     found, before the refinement; the one agreeing most within the budget is kept.
     objective "embeddings" (unlabelled text, any checkpoint): agreement is the mean cosine of each
     candidate's mean-pooled embeddings to the full model's, and the KL term is 0.
+    runner: where the candidates' passes run (cluster.Serial here by default). A descent step's moves and the
+    rules are evaluated together; the refinement, whose moves depend on the ones accepted before them,
+    evaluates the next `runner.workers` moves at once and walks them in order, so that it accepts what the
+    serial search accepts (its extra evaluations are counted in "evaluations"). The "embeddings" objective's
+    passes run here.
     """
+    runner = runner or Serial()
     base = (base or FCAConfig()).to_dict()
     layers = model.config.num_hidden_layers
     batches = make_batches(model, data, batch_size)
     if objective == "embeddings":
         e_full = embedding_pass(model, batches, None)[0]             # [N, H] unit vectors
     else:
-        p_full = softmax(predict(model, data, None, batches, None)["logits"])  # [N, C]
+        p_full = softmax(predict(model, data, None, batches, None, runner=runner)["logits"])  # [N, C]
         full_pred = p_full.argmax(1)
     seen = {}
 
     rule = {}
 
-    def score(keep, rule_=None):
-        rule_ = rule if rule_ is None else rule_
-        key = (tuple(round(v, 4) for v in keep), json.dumps(rule_, sort_keys=True))
-        if key not in seen:
-            fca = FCAConfig(**{**base, **rule_, "keep": list(key[0])})
-            if objective == "embeddings":
+    def key_of(keep, rule_):
+        return tuple(round(v, 4) for v in keep), json.dumps(rule_, sort_keys=True)
+
+    def score_many(cands):
+        """[(keep, rule or None)] -> their results, the ones not seen yet run together."""
+        keys = [key_of(keep, rule if r is None else r) for keep, r in cands]
+        new = list(dict.fromkeys(k for k in keys if k not in seen))
+        fcas = [FCAConfig(**{**base, **json.loads(k[1]), "keep": list(k[0])}) for k in new]
+        if objective == "embeddings":
+            for k, fca in zip(new, fcas):
                 e, flops, full = embedding_pass(model, batches, fca)
-                seen[key] = {"keep": list(key[0]), "rule": rule_, "agreement": float((e * e_full).sum(1).mean()),
-                             "kl": 0.0, "flops_ratio": flops / full}
-                return seen[key]
-            run = predict(model, data, fca, batches, None)
+                seen[k] = {"keep": list(k[0]), "rule": json.loads(k[1]), "agreement": float((e * e_full).sum(1).mean()),
+                           "kl": 0.0, "flops_ratio": flops / full}
+            return [seen[k] for k in keys]
+        for i, run in predict_many(model, data, fcas, batches, None, runner=runner):
             p = softmax(run["logits"])
             kl = float(np.mean(np.sum(p_full * (np.log(p_full + 1e-12) - np.log(p + 1e-12)), 1)))
-            seen[key] = {"keep": list(key[0]), "rule": rule_, "agreement": float(np.mean(p.argmax(1) == full_pred)),
-                         "kl": kl, "flops_ratio": run["flops"] / run["flops_full"]}
-        return seen[key]
+            seen[new[i]] = {"keep": list(new[i][0]), "rule": json.loads(new[i][1]),
+                            "agreement": float(np.mean(p.argmax(1) == full_pred)), "kl": kl,
+                            "flops_ratio": run["flops"] / run["flops_full"]}
+        return [seen[k] for k in keys]
 
     def lower(keep, layer, by):
         new = list(keep)
@@ -81,11 +93,12 @@ def calibrate(model, data, target, base=None, step=0.2, floor=0.01, batch_size=6
         return [max(v, new[layer]) if j < layer else v for j, v in enumerate(new)]
 
     loss = lambda r: (1 - r["agreement"]) + r["kl"]  # noqa: E731
-    cur = score(list(start) if start is not None else [1.0] * layers)
+    cur = score_many([(list(start) if start is not None else [1.0] * layers, None)])[0]
     log(f"start: keep {cur['keep']}  FLOPs {cur['flops_ratio']:.3f}  agreement {cur['agreement']:.4f}  "
         f"KL {cur['kl']:.4f}")
     while cur["flops_ratio"] > target:
-        moves = [score(lower(cur["keep"], layer, step)) for layer in range(layers) if cur["keep"][layer] > floor]
+        moves = score_many([(lower(cur["keep"], layer, step), None) for layer in range(layers)
+                            if cur["keep"][layer] > floor])
         moves = [m for m in moves if m["flops_ratio"] < cur["flops_ratio"]]
         if not moves:
             break
@@ -97,28 +110,33 @@ def calibrate(model, data, target, base=None, step=0.2, floor=0.01, batch_size=6
         raise ConfigError(f"calibrate: even keep {cur['keep']} costs {cur['flops_ratio']:.3f} of the full model, "
                           f"above the target {target}")
     better = lambda m, c: (m["agreement"], -m["kl"]) > (c["agreement"], -c["kl"])  # noqa: E731
-    for r in rules:
-        m = score(cur["keep"], r)
+    for r, m in zip(rules, score_many([(cur["keep"], r) for r in rules])):  # every rule at the same keep
         log(f"rule {r}: FLOPs {m['flops_ratio']:.3f}  agreement {m['agreement']:.4f}  KL {m['kl']:.4f}")
         if m["flops_ratio"] <= target and better(m, cur):
             cur, rule = m, r
     fine = step / 2
+    moves = [(up, down) for up in range(layers) for down in [None] + list(range(layers)) if down != up]
+
+    def move(keep, up, down):
+        keep = raise_(keep, up, fine)
+        return keep if down is None else lower(keep, down, fine)
+
     for sweep in range(refine):
-        improved = False
-        for up in range(layers):
-            for down in [None] + list(range(layers)):
-                if down == up:
-                    continue
-                keep = raise_(cur["keep"], up, fine)
-                if down is not None:
-                    keep = lower(keep, down, fine)
-                if keep == cur["keep"]:
-                    continue
-                m = score(keep)
+        improved, at = False, 0
+        while at < len(moves):                           # the next moves from `cur`, run together, walked in order
+            block, nxt = [], at
+            while nxt < len(moves) and len(block) < runner.workers:
+                keep = move(cur["keep"], *moves[nxt])
+                nxt += 1
+                if keep != cur["keep"]:
+                    block.append((nxt, keep))
+            at = nxt
+            for (after, _), m in zip(block, score_many([(keep, None) for _, keep in block])):
                 if m["flops_ratio"] <= target and better(m, cur):
-                    cur, improved = m, True
+                    cur, improved, at = m, True, after   # the moves after it start again from the new `cur`
                     log(f"refine {sweep + 1}: keep {cur['keep']}  FLOPs {cur['flops_ratio']:.3f}  "
                         f"agreement {cur['agreement']:.4f}  KL {cur['kl']:.4f}")
+                    break
         if not improved:
             break
     cfg = FCAConfig(**{**base, **rule, "keep": cur["keep"]})
@@ -137,9 +155,9 @@ def parse_rule(spec: str) -> dict:
             "proportional_attention": len(parts) == 3}
 
 
-def least_sure(model, data, n, batch_size=64) -> np.ndarray:
+def least_sure(model, data, n, batch_size=64, runner=None) -> np.ndarray:
     """Indices (in data order) of the n examples with the smallest margin between the full model's top two logits."""
-    logits = predict(model, data, None, make_batches(model, data, batch_size), None)["logits"]  # [N, C]
+    logits = predict(model, data, None, make_batches(model, data, batch_size), None, runner=runner)["logits"]  # [N, C]
     top2 = np.sort(logits, 1)[:, -2:]                                # [N, 2]
     return np.sort(np.argsort(top2[:, 1] - top2[:, 0], kind="stable")[:n])
 

@@ -5,7 +5,8 @@
     ├── CheckpointError     weights missing, garbled, pickle-only, wrong names/shapes (also ValueError)
     ├── TokenizerError      tokenizer.json / vocab.txt missing or unreadable       (also ValueError)
     ├── InputError          bad input: empty list, too long, ids outside vocab     (also ValueError)
-    └── BackendError        a backend that cannot run here (e.g. CUDA without a GPU) (also RuntimeError)
+    ├── BackendError        a backend that cannot run here (e.g. CUDA without a GPU) (also RuntimeError)
+    └── ClusterError        --cluster: dask.distributed missing, a bad address, no scheduler or workers (also RuntimeError)
 """
 
 
@@ -31,3 +32,7 @@ class InputError(MinifcaError, ValueError):
 
 class BackendError(MinifcaError, RuntimeError):
     """The requested backend cannot run on this machine."""
+
+
+class ClusterError(MinifcaError, RuntimeError):
+    """A Dask cluster cannot be used: dask.distributed not installed, a bad address, no scheduler or no workers."""

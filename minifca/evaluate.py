@@ -3,7 +3,9 @@
     predict    one pass of a model (plain or FCA) over a data set: logits and FLOPs (both baselines);
                batches of similar length; each batch's results appended to a cache file as it comes,
                so an interrupted run resumes where it stopped
-    evaluate   accuracy, agreement with the full model, FLOPs, examples/s
+    evaluate   accuracy, agreement with the full model, FLOPs, examples/s (evaluate_many: several configurations)
+Every pass is cut into tasks, one (configuration, shard of batches) each (`forward_shard`), that a runner runs:
+here in order (minifca.cluster.Serial, the default) or on a Dask cluster (minifca.cluster.connect).
 The data sets come from `minifca.data`; the grid of rules is `minifca.ablate`, the schedule search
 `minifca.calibrate`.
 """
@@ -19,6 +21,7 @@ import numpy as np
 from .data import label_ids
 from .errors import CheckpointError, ConfigError
 from .progress import progress as progress_bar
+
 
 def make_batches(model, data, batch_size=64, max_length=None):
     """[(indices, Encoding)]: examples sorted by token count (less padding), each batch trimmed to its longest."""
@@ -36,47 +39,102 @@ def run_key(model, data, fca, batches, pad_to) -> str:
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def predict(model, data, fca, batches, pad_to=64, cache_dir=None, progress=False, desc=""):
-    """Logits [N, C] and summed FLOPs/seconds of one pass. With cache_dir, each batch's result is appended
-    to cache_dir/<key>.jsonl as it comes and batches already there are not run again."""
+def forward_shard(model, shard, fca, pad_to):
+    """The unit of work of every pass, here or on a cluster's worker: one FCA configuration (None = the full
+    model) over one shard of batches [(batch number, Encoding)]: per batch its logits [b, C] (float64) and FLOPs."""
+    res = []
+    for b, enc in shard:
+        t = time.perf_counter()
+        out = model(enc, fca=fca, pad_to=pad_to)
+        res.append({"batch": b, "logits": out.logits.astype(np.float64), "flops": out.flops,
+                    "flops_full": out.flops_full, "flops_full_padded": out.flops_full_padded,
+                    "seconds": time.perf_counter() - t})
+    return res
+
+
+def predict_many(model, data, fcas, batches, pad_to=64, cache_dir=None, runner=None, progress=False, desc="",
+                 shard_batches=1):
+    """Yield (i, pass) for every configuration fcas[i] (None = the full model) as its last shard comes, a pass
+    being what `predict` returns. Each (configuration, shard of `shard_batches` batches) is one task of
+    `runner` (cluster.Serial(), the default, runs them here in order: fcas[0] first, then fcas[1], ...).
+    With cache_dir each batch's result is appended to cache_dir/<key>.jsonl as it comes, and batches already
+    there are not run again: an interrupted run resumes where it stopped."""
+    from .cluster import Serial
     if "classifier" not in model.params:
         raise CheckpointError(f"{model.path}: evaluating on labelled data needs a checkpoint with a classifier head "
                               "(classifier.*)")
-    done = {}
-    cache = None
+    runner = runner or Serial()
+    caches = [None] * len(fcas)
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"{run_key(model, data, fca, batches, pad_to)}.jsonl"
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        if cache.exists():
-            for line in cache.read_text().splitlines():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by an interruption
-                    continue
-                done[r["batch"]] = r
-    logits = [None] * len(batches)
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        caches = [Path(cache_dir) / f"{run_key(model, data, fca, batches, pad_to)}.jsonl" for fca in fcas]
+    done = [_read_cache(c) for c in caches]                          # per configuration: {batch: result}
+    shards = [list(range(b, min(b + shard_batches, len(batches)))) for b in range(0, len(batches), shard_batches)]
+    tasks = [(i, j) for i in range(len(fcas)) for j, shard in enumerate(shards) if any(b not in done[i] for b in shard)]
+    left = [sum(t[0] == i for t in tasks) for i in range(len(fcas))]
+    bar = progress_bar(len(data) * len(fcas), desc, None if progress else False, unit="ex")  # on a terminal only
+    bar.update(sum(len(batches[b][0]) for d in done for b in d))
+    for i in range(len(fcas)):
+        if not left[i]:
+            yield i, _assemble(batches, done[i])
+    shared = {}
+    for j in sorted({j for _, j in tasks}):
+        shared[j] = runner.share([(b, _arrays_only(batches[b][1])) for b in shards[j]])
+    results = runner.map(forward_shard, model, [(shared[j], fcas[i], pad_to) for i, j in tasks])
+    try:
+        for t, res in results:
+            i = tasks[t][0]
+            if caches[i] is not None:
+                with open(caches[i], "a") as f:
+                    f.write("".join(json.dumps({**r, "logits": r["logits"].tolist()}) + "\n" for r in res))
+            for r in res:
+                done[i][r["batch"]] = r
+                bar.update(len(batches[r["batch"]][0]))
+            left[i] -= 1
+            if not left[i]:
+                yield i, _assemble(batches, done[i])
+    finally:                                                         # also when the caller stops early: a cluster
+        results.close()                                              # cancels the tasks left
+        bar.close()
+
+
+def _arrays_only(enc):
+    """A batch as a task carries it: its arrays without the token strings."""
+    from .tokenizer import Encoding
+    return Encoding(enc.input_ids, enc.attention_mask, enc.token_type_ids)
+
+
+def _read_cache(path) -> dict:
+    """{batch: result} from a pass's cache file (none: {})."""
+    done = {}
+    if path is not None and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by an interruption
+                continue
+            done[r["batch"]] = r
+    return done
+
+
+def _assemble(batches, done) -> dict:
+    """One pass from its batches' results: logits [N, C] back in the data's order, FLOPs and seconds summed."""
     total = {"flops": 0, "flops_full": 0, "flops_full_padded": 0, "seconds": 0.0}
-    bar = progress_bar(len(data), desc, None if progress else False, unit="ex")  # on a terminal only
-    for b, (idx, enc) in enumerate(batches):
-        r = done.get(b)
-        if r is None:
-            t = time.perf_counter()
-            out = model(enc, fca=fca, pad_to=pad_to)
-            r = {"batch": b, "logits": out.logits.astype(np.float64).tolist(), "flops": out.flops,
-                 "flops_full": out.flops_full, "flops_full_padded": out.flops_full_padded,
-                 "seconds": time.perf_counter() - t}
-            if cache is not None:
-                with open(cache, "a") as f:
-                    f.write(json.dumps(r) + "\n")
-        logits[b] = np.array(r["logits"])
+    for b in range(len(batches)):
         for k in total:
-            total[k] += r[k]
-        bar.update(len(idx))
-    bar.close()
+            total[k] += done[b][k]
     order = np.concatenate([i for i, _ in batches])
-    res = np.empty((len(order), logits[0].shape[1]))
-    res[order] = np.concatenate(logits)                             # back to the data's order
+    logits = np.concatenate([np.asarray(done[b]["logits"], np.float64) for b in range(len(batches))])
+    res = np.empty_like(logits)
+    res[order] = logits                                              # back to the data's order
     return {"logits": res, **total}
+
+
+def predict(model, data, fca, batches, pad_to=64, cache_dir=None, progress=False, desc="", runner=None):
+    """Logits [N, C] and summed FLOPs/seconds of one pass. With cache_dir, each batch's result is appended
+    to cache_dir/<key>.jsonl as it comes and batches already there are not run again."""
+    for _, run in predict_many(model, data, [fca], batches, pad_to, cache_dir, runner, progress, desc):
+        return run
 
 
 def summarize(run, labels, full_pred=None) -> dict:
@@ -93,16 +151,28 @@ def summarize(run, labels, full_pred=None) -> dict:
 # ---------------------------------------------------------------- eval
 
 
-def evaluate(model, data, fca=None, batch_size=64, pad_to=64, max_length=None, cache_dir=None, progress=False):
+def evaluate(model, data, fca=None, batch_size=64, pad_to=64, max_length=None, cache_dir=None, progress=False,
+             runner=None):
     """accuracy, agreement with the full model, FLOPs (both baselines), examples, seconds (+ the full model's)."""
+    return evaluate_many(model, data, [fca], batch_size, pad_to, max_length, cache_dir, progress, runner)[0]
+
+
+def evaluate_many(model, data, fcas, batch_size=64, pad_to=64, max_length=None, cache_dir=None, progress=False,
+                  runner=None):
+    """`evaluate` of each configuration in fcas (None = the full model), in that order; the full model's pass
+    is made once, and on a cluster (runner) every pass at once."""
     labels = label_ids(data.labels, model.config, data.source)
     batches = make_batches(model, data, batch_size, max_length)
-    full = predict(model, data, None, batches, pad_to, cache_dir, progress, "full model")
-    full_pred = full["logits"].argmax(1)
-    run = full if fca is None else predict(model, data, fca, batches, pad_to, cache_dir, progress, "FCA")
-    res = summarize(run, labels, full_pred)
-    res.update({"accuracy_full": float(np.mean(full_pred == labels)), "seconds_full": full["seconds"],
-                "model": str(model.path), "data": data.source, "backend": model.backend, "pad_to": pad_to,
-                "fca": None if fca is None else fca.to_dict()})
-    return res
-
+    todo = [None] + [f for f in fcas if f is not None]
+    runs = dict(predict_many(model, data, todo, batches, pad_to, cache_dir, runner, progress,
+                             "full model" if len(todo) == 1 else f"full model + {len(todo) - 1} FCA"))
+    full_pred = runs[0]["logits"].argmax(1)
+    out, n = [], 0
+    for fca in fcas:
+        n += fca is not None
+        res = summarize(runs[n if fca is not None else 0], labels, full_pred)
+        res.update({"accuracy_full": float(np.mean(full_pred == labels)), "seconds_full": runs[0]["seconds"],
+                    "model": str(model.path), "data": data.source, "backend": model.backend, "pad_to": pad_to,
+                    "fca": None if fca is None else fca.to_dict()})
+        out.append(res)
+    return out

@@ -207,18 +207,16 @@ def test_eval_json_fields(sst2_tsv, capsys):
 def test_interrupted_eval_says_what_was_kept(sst2_tsv, tmp_path, capsys, monkeypatch):
     """Ctrl-C in `eval`: exit 130, and the message says whether the batches done were kept (--out) or not."""
     from minifca import evaluate as E
-    real, calls = E.predict, []
+    real = E.forward_shard
 
-    def predict_then_interrupt(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:                                          # the full model done, then Ctrl-C in the FCA pass
+    def shard_then_interrupt(model, shard, fca, pad_to):
+        if fca is not None:                                          # the full model done, then Ctrl-C in the FCA pass
             raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(E, "predict", predict_then_interrupt)
+        return real(model, shard, fca, pad_to)
+    monkeypatch.setattr(E, "forward_shard", shard_then_interrupt)
     args = ["eval", "--model", str(SST2_MODEL), "--backend", "numpy", "--data", str(sst2_tsv), "--fca-keep", "0.5"]
     assert main(args) == 130
     assert "nothing was kept" in capsys.readouterr().err
-    calls.clear()
     assert main(args + ["--out", str(tmp_path / "cache")]) == 130
     err = capsys.readouterr().err
     assert "kept in" in err and "resumes" in err

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..ablate import ablate, grid
 from ..errors import ConfigError
-from .common import add_data_flags, data_from_args, int_at_least, load_model
+from .common import add_cluster, add_data_flags, data_from_args, int_at_least, load_model, runner_from_args
 
 
 def cmd_ablate(args):
@@ -20,7 +20,9 @@ def cmd_ablate(args):
     rows = grid(model.config.num_hidden_layers, split(args.scores), split(args.aggregates),
                 levels, args.shape, args.clusters, prop, args.start_layer,
                 args.schedules or ())
-    ablate(model, data, rows, args.out, args.batch_size, args.pad_to, args.max_length, progress=True)
+    with runner_from_args(args) as runner:
+        ablate(model, data, rows, args.out, args.batch_size, args.pad_to, args.max_length, progress=True,
+               runner=runner)
     print(f"wrote {Path(args.out) / 'results.csv'} and results.md")
 
 
@@ -44,4 +46,5 @@ def register(subparsers, parents):
     p.add_argument("--schedules", nargs="*", default=None, metavar="FILE.json", help="schedule files run as they are")
     p.add_argument("--pad-to", type=int_at_least(1), default=64, help="padded length of the padded FLOPs baseline (default 64)")
     p.add_argument("--out", required=True, metavar="DIR", help="where results go")
+    add_cluster(p)
     p.set_defaults(func=cmd_ablate)

@@ -11,7 +11,8 @@ import numpy as np
 from ..calibrate import calibrate, check_training_data, least_sure, parse_rule
 from ..errors import ConfigError, InputError
 from ..fca import FCAConfig
-from .common import add_data_flags, data_from_args, fca_from_args, fraction, int_at_least, load_model
+from .common import (add_cluster, add_data_flags, data_from_args, fca_from_args, fraction, int_at_least, load_model,
+                     runner_from_args)
 
 
 def cmd_calibrate(args):
@@ -26,30 +27,31 @@ def cmd_calibrate(args):
         raise InputError(f"{data.source}: no example has >= {args.min_words} words (--min-words)")
     idx = rng.choice(idx, size=min(max(args.samples, args.pool), len(idx)), replace=False).tolist()  # random order
     model = load_model(args)
-    if args.pool > args.samples:                                    # keep the examples the full model is least sure of
-        log(f"pool: the full model on {len(idx)} training examples, keeping the {args.samples} with the smallest margin")
-        idx = [idx[i] for i in least_sure(model, data.subset(idx), args.samples, args.batch_size)]
-    sample = data.subset(idx)
-    base = fca_from_args(args, model.config.num_hidden_layers) or FCAConfig()
-    t = time.perf_counter()
-    rules = [parse_rule(r) for r in args.rules or ()]
-    for r in rules:
-        FCAConfig(**{**base.to_dict(), **r})                         # a bad rule fails before the search
-    start = None
-    if args.fca_keep is not None or args.fca_schedule:              # a given schedule is where the search starts
-        if base.counts:
-            raise ConfigError("calibrate searches keep ratios: start it from ratios (e.g. --fca-keep 1,0.8,0.6), "
-                              "not counts")
-        start = base.keep if isinstance(base.keep, list) else [base.keep] * model.config.num_hidden_layers
-        start = [float(v) for v in start]
-    elif 0 < args.descent_samples < len(sample):                      # a cheap descent first, then all of the sample
-        log(f"descent on the first {args.descent_samples} examples of the sample")
-        first, _ = calibrate(model, sample.subset(range(args.descent_samples)), args.target_flops, base, args.step,
-                             args.floor, args.batch_size, refine=0, log=log)
-        start = first.keep
-        log(f"continuing on all {len(sample)} examples from keep {start}")
-    cfg, best = calibrate(model, sample, args.target_flops, base, args.step, args.floor, args.batch_size,
-                          args.refine, rules, start, log=log)
+    with runner_from_args(args) as runner:                        # the search's passes, here or on --cluster
+        if args.pool > args.samples:                                    # keep the examples the full model is least sure of
+            log(f"pool: the full model on {len(idx)} training examples, keeping the {args.samples} with the smallest margin")
+            idx = [idx[i] for i in least_sure(model, data.subset(idx), args.samples, args.batch_size, runner)]
+        sample = data.subset(idx)
+        base = fca_from_args(args, model.config.num_hidden_layers) or FCAConfig()
+        t = time.perf_counter()
+        rules = [parse_rule(r) for r in args.rules or ()]
+        for r in rules:
+            FCAConfig(**{**base.to_dict(), **r})                         # a bad rule fails before the search
+        start = None
+        if args.fca_keep is not None or args.fca_schedule:              # a given schedule is where the search starts
+            if base.counts:
+                raise ConfigError("calibrate searches keep ratios: start it from ratios (e.g. --fca-keep 1,0.8,0.6), "
+                                  "not counts")
+            start = base.keep if isinstance(base.keep, list) else [base.keep] * model.config.num_hidden_layers
+            start = [float(v) for v in start]
+        elif 0 < args.descent_samples < len(sample):                      # a cheap descent first, then all of the sample
+            log(f"descent on the first {args.descent_samples} examples of the sample")
+            first, _ = calibrate(model, sample.subset(range(args.descent_samples)), args.target_flops, base, args.step,
+                                 args.floor, args.batch_size, refine=0, log=log, runner=runner)
+            start = first.keep
+            log(f"continuing on all {len(sample)} examples from keep {start}")
+        cfg, best = calibrate(model, sample, args.target_flops, base, args.step, args.floor, args.batch_size,
+                              args.refine, rules, start, log=log, runner=runner)
     d = cfg.to_dict()
     d["meta"] = {"made_by": "minifca calibrate", "model": str(model.path), "data": data.source,
                  "samples": len(sample), "pool": args.pool, "min_words": args.min_words, "seed": args.seed,
@@ -94,4 +96,5 @@ def register(subparsers, parents):
                    help="other rules to try at the schedule found (e.g. cls_attention+similarity-2+prop); the best "
                         "within the budget is refined and saved")
     p.add_argument("--out", required=True, metavar="FILE.json", help="the schedule file to write")
+    add_cluster(p)
     p.set_defaults(func=cmd_calibrate)

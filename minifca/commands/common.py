@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,28 @@ def fca_parent() -> argparse.ArgumentParser:
 
 def add_json(p):
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def add_cluster(p):
+    p.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="run the passes on a Dask cluster: local:N (N single-threaded worker processes on this "
+                        "machine) or a running scheduler's address (tcp://host:8786; README: `dask scheduler`, "
+                        "`dask worker`). Same results and output files as without it. Needs "
+                        "pip install -e '.[distributed]'")
+
+
+@contextmanager
+def runner_from_args(args):
+    """The runner --cluster names (closed afterwards; a local:N cluster is shut down), or None: this process."""
+    if not getattr(args, "cluster", None):
+        yield None
+        return
+    from ..cluster import connect
+    with connect(args.cluster) as runner:
+        link = runner.client.dashboard_link if runner.cluster is None else None
+        print(f"cluster: {runner.workers} worker thread(s) at {runner.client.scheduler.address}"
+              + (f" (dashboard {link})" if link else ""), file=sys.stderr)
+        yield runner
 
 
 def add_data_flags(p, split):

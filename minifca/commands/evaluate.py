@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import sys
 
-from ..evaluate import evaluate
-from .common import add_data_flags, add_json, data_from_args, emit, fca_from_args, int_at_least, load_model
+from ..evaluate import evaluate_many
+from ..fca import FCAConfig
+from .common import (add_cluster, add_data_flags, add_json, data_from_args, emit, fca_from_args, int_at_least, load_model,
+                     runner_from_args)
 
 
 def print_eval(r):
@@ -36,17 +38,23 @@ def describe(fca: dict) -> str:
 def cmd_eval(args):
     model = load_model(args)
     fca = fca_from_args(args, model.config.num_hidden_layers)
+    schedules = [FCAConfig.load(f) for f in args.schedules or ()]
+    fcas = ([fca] if fca is not None or not schedules else []) + schedules   # the flags' configuration, then the files
     data = data_from_args(args, args.limit)
     try:
-        res = evaluate(model, data, fca, args.batch_size, args.pad_to, args.max_length, args.out, progress=True)
+        with runner_from_args(args) as runner:
+            res = evaluate_many(model, data, fcas, args.batch_size, args.pad_to, args.max_length, args.out,
+                                progress=True, runner=runner)
     except KeyboardInterrupt:
         print("minifca eval: interrupted; " + (f"the batches done are kept in {args.out}: the same command resumes"
               if args.out else "nothing was kept (with --out DIR each batch is kept as it comes, and a rerun "
               "resumes from it)"), file=sys.stderr)
         raise
-    if not emit(res, args.json):
-        print_eval(res)
-
+    if not emit(res[0] if len(res) == 1 else res, args.json):
+        names = [None] * (len(fcas) - len(schedules)) + list(args.schedules or ())
+        for i, (name, r) in enumerate(zip(names, res)):
+            print(("\n" if i else "") + (f"schedule {name}" if name else ""), end="\n" if name else "")
+            print_eval(r)
 
 
 def register(subparsers, parents):
@@ -63,5 +71,9 @@ def register(subparsers, parents):
                    help="keep each batch's results here as they come; an interrupted run, rerun with the same "
                         "flags, resumes from them (off by default: a cache keyed by paths and flags would not see "
                         "a changed checkpoint or a re-registered rule)")
+    p.add_argument("--schedules", nargs="+", default=None, metavar="FILE.json",
+                   help="schedule files (FCAConfig.save, `minifca calibrate`) evaluated too, each beside the full "
+                        "model (whose pass is made once); --json prints a list")
+    add_cluster(p)
     add_json(p)
     p.set_defaults(func=cmd_eval)
