@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import SST2_DEV, SST2_MODEL
+from conftest import SST2_DEV, SST2_MODEL, SST2_TRAIN
 
 import minifca
 from minifca import ablate as ab
@@ -22,6 +22,7 @@ from minifca import calibrate as cal
 from minifca import cluster
 from minifca import data as D
 from minifca import evaluate as ev
+from minifca.cli import main
 from minifca.errors import ClusterError
 
 pytestmark = pytest.mark.timeout(180)
@@ -64,6 +65,10 @@ def csv_rows(folder):
         return [{k: v for k, v in r.items() if k not in TIMED} for r in csv.DictReader(f)]
 
 
+def untimed(result):
+    return {k: v for k, v in result.items() if "second" not in k}
+
+
 def cached_logits(path):
     return {json.loads(s)["batch"]: json.loads(s)["logits"] for s in path.read_text().splitlines()}
 
@@ -93,9 +98,7 @@ def test_eval_of_several_schedules_and_calibration_match_serial(model, data, loc
                                                                  score="cls_attention")]
     here = ev.evaluate_many(model, data, fcas, batch_size=BATCH)
     there = ev.evaluate_many(model, data, fcas, batch_size=BATCH, runner=local2)
-    def untimed(results):
-        return [{k: v for k, v in r.items() if "second" not in k} for r in results]
-    assert untimed(there) == untimed(here) and there[1]["flops_ratio"] < 1
+    assert [untimed(r) for r in there] == [untimed(r) for r in here] and there[1]["flops_ratio"] < 1
     sample = data.subset(range(8))                                   # one batch: each candidate is one task
     kw = {"target": 0.6, "step": 0.4, "batch_size": 8, "refine": 1,
           "rules": [cal.parse_rule("cls_attention+weighted")], "log": lambda s: None}
@@ -202,3 +205,39 @@ def test_serial_runner_runs_in_order():
     seen = list(cluster.Serial().map(lambda m, x: (m, x * 2), "model", [(1,), (2,), (3,)]))
     assert seen == [(0, ("model", 2)), (1, ("model", 4)), (2, ("model", 6))]
     assert np.array_equal(cluster.Serial().share(np.arange(3)), np.arange(3))
+
+
+# ---------------------------------------------------------------- the command line, pointed at the running scheduler
+
+
+def test_cli_ablate_eval_calibrate_on_a_scheduler_address(model, data, local2, serial_grid, tmp_path, capsys):
+    address = local2.client.scheduler.address                         # `--cluster tcp://host:port`, as after `dask scheduler`
+    base = ["--model", str(SST2_MODEL), "--batch-size", str(BATCH), "--cluster", address]
+    assert main(["ablate", "--data", str(SST2_DEV), "--limit", str(EXAMPLES), "--keep", "0.7,0.4",
+                 "--out", str(tmp_path / "grid"), *base]) == 0
+    assert csv_rows(tmp_path / "grid") == csv_rows(serial_grid)      # the defaults are small_grid's rules
+    assert "worker thread(s) at " + address in capsys.readouterr().err
+
+    files = []
+    for i, fca in enumerate([minifca.FCAConfig(keep=0.5), minifca.FCAConfig(keep=0.3, score="cls_attention")]):
+        fca.save(tmp_path / f"s{i}.json")
+        files.append(str(tmp_path / f"s{i}.json"))
+    assert main(["eval", "--data", str(SST2_DEV), "--limit", str(EXAMPLES), "--schedules", *files, "--json", *base]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = ev.evaluate_many(model, data, [minifca.FCAConfig.load(f) for f in files], batch_size=BATCH)
+    assert [untimed(r) for r in got] == [untimed(r) for r in json.loads(json.dumps(want))]
+
+    cal_args = ["calibrate", "--data", str(SST2_TRAIN), "--samples", "8", "--descent-samples", "0", "--refine", "0",
+                "--target-flops", "0.7", "--step", "0.4", "--model", str(SST2_MODEL), "--batch-size", "8"]
+    assert main([*cal_args, "--out", str(tmp_path / "here.json")]) == 0
+    assert main([*cal_args, "--out", str(tmp_path / "there.json"), "--cluster", address]) == 0
+    here, there = (json.loads((tmp_path / f).read_text()) for f in ("here.json", "there.json"))
+    assert there["keep"] == here["keep"] and {**there["meta"], "seconds": 0} == {**here["meta"], "seconds": 0}
+
+
+def test_cli_cluster_without_distributed_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    assert main(["ablate", "--model", str(SST2_MODEL), "--data", str(SST2_DEV), "--limit", "4", "--out",
+                 str(tmp_path), "--cluster", "local:2"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install -e '.[distributed]'" in err and "Traceback" not in err

@@ -5,7 +5,14 @@ from pathlib import Path
 
 from ..ablate import ablate, grid
 from ..errors import ConfigError
-from .common import add_cluster, add_data_flags, data_from_args, int_at_least, load_model, runner_from_args
+from .common import (
+    add_cluster,
+    add_data_flags,
+    data_from_args,
+    int_at_least,
+    load_model,
+    runner_from_args,
+)
 
 
 def cmd_ablate(args):

@@ -11,8 +11,16 @@ import numpy as np
 from ..calibrate import calibrate, check_training_data, least_sure, parse_rule
 from ..errors import ConfigError, InputError
 from ..fca import FCAConfig
-from .common import (add_cluster, add_data_flags, data_from_args, fca_from_args, fraction, int_at_least, load_model,
-                     runner_from_args)
+from .common import (
+    add_cluster,
+    add_data_flags,
+    data_from_args,
+    fca_from_args,
+    fraction,
+    int_at_least,
+    load_model,
+    runner_from_args,
+)
 
 
 def cmd_calibrate(args):

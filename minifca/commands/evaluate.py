@@ -5,8 +5,17 @@ import sys
 
 from ..evaluate import evaluate_many
 from ..fca import FCAConfig
-from .common import (add_cluster, add_data_flags, add_json, data_from_args, emit, fca_from_args, int_at_least, load_model,
-                     runner_from_args)
+from .common import (
+    add_cluster,
+    add_data_flags,
+    add_json,
+    data_from_args,
+    emit,
+    fca_from_args,
+    int_at_least,
+    load_model,
+    runner_from_args,
+)
 
 
 def print_eval(r):
