@@ -83,12 +83,31 @@ def no_decay(name):
     return name.endswith(".b") or "ln." in name                   # 'layers.0.attn.q.b', 'embeddings.ln.g', ...
 
 
-def step_batch(n, batch_size, seed, step):
-    """The example indices of optimizer micro-batch `step`: epoch e = the e-th permutation drawn from (seed, e)."""
-    per_epoch = max(1, n // batch_size)                              # full batches only
-    epoch, i = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return order[i * batch_size:(i + 1) * batch_size]
+class Batches:
+    """The micro-batches of a run, from (seed, step) alone, of similar lengths (little padding).
+
+    Epoch e shuffles the examples with seed (seed, e), sorts each window of 50 batches' worth by token count,
+    cuts it into batches and shuffles the batches' order: micro-batch `step` is a fixed function of the seed.
+    """
+    WINDOW = 50
+
+    def __init__(self, lengths, batch_size, seed):
+        self.lengths, self.batch_size, self.seed = np.asarray(lengths), batch_size, seed
+        self.per_epoch = max(1, len(self.lengths) // batch_size)     # full batches only
+        self._epoch, self._batches = None, None
+
+    def __call__(self, step):
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
+            order = order[:self.per_epoch * self.batch_size] if len(order) >= self.batch_size else order
+            w = self.WINDOW * self.batch_size
+            order = np.concatenate([c[np.argsort(self.lengths[c], kind="stable")]
+                                    for c in np.split(order, range(w, len(order), w))])
+            batches = np.split(order, range(self.batch_size, len(order), self.batch_size))
+            shuffle = np.random.default_rng([self.seed, epoch, 1]).permutation(len(batches))
+            self._epoch, self._batches = epoch, [batches[j] for j in shuffle]
+        return self._batches[i]
 
 
 def save_checkpoint(out, source, params, fca, opt=None, meta=None):
@@ -199,6 +218,8 @@ def distill(model, data, out, fca=None, target_flops=None, base=None, teacher=No
             "accumulate": accumulate, "lr": lr, "warmup_steps": warm, "weight_decay": weight_decay, "clip": clip,
             "dropout": dropout, "seed": seed, "ce": ce, "kl": kl, "temperature": temperature,
             "embedding_loss": embedding_loss, "max_length": max_length, "calibration": calib}
+    encodings = start.tokenizer.encode(texts.texts, texts.pairs, max_length=max_length, truncation=True)
+    batches = Batches([len(e.ids) for e in encodings], batch_size, seed)
     history, t0, seen = [], time.perf_counter(), 0
     bar = progress(total, "distill", progress_bar, unit="step")
     bar.update(done)
@@ -211,9 +232,11 @@ def distill(model, data, out, fca=None, target_flops=None, base=None, teacher=No
         for step in range(done, total):
             grads, loss_sum = None, 0.0
             for micro in range(accumulate):
-                idx = step_batch(len(texts), batch_size, seed, step * accumulate + micro)
-                loss, g = train_step(params, cfg, teacher_model, texts, idx, fca, dropout, seed, step, micro,
-                                     max_length, ce, kl, temperature, embedding_loss, start.tokenizer)
+                idx = batches(step * accumulate + micro)
+                enc = start.tokenizer.pad([encodings[i] for i in idx], tokens=False)
+                labels = None if texts.labels is None else texts.labels[idx]
+                loss, g = train_step(params, cfg, teacher_model, enc, labels, fca, dropout, seed, step, micro, ce, kl,
+                                     temperature, embedding_loss)
                 g = dict(grad.leaves(g))
                 if grads is None:
                     grads = g
@@ -245,18 +268,16 @@ def distill(model, data, out, fca=None, target_flops=None, base=None, teacher=No
             "calibration": calib}
 
 
-def train_step(params, cfg, teacher, texts, idx, fca, dropout, seed, step, micro, max_length, ce, kl,
-               temperature, embedding_loss, tokenizer):
-    """One micro-batch: the loss and the gradients of every parameter (nested like params)."""
-    enc = tokenizer([texts.texts[i] for i in idx], None if texts.pairs is None else [texts.pairs[i] for i in idx],
-                    max_length=max_length, truncation=True)
+def train_step(params, cfg, teacher, enc, labels, fca, dropout, seed, step, micro, ce, kl, temperature,
+               embedding_loss):
+    """One micro-batch (an Encoding, its labels or None): the loss and the gradients of every parameter."""
     t_out = teacher(enc)                                             # no FCA, no dropout
     rng = np.random.default_rng([seed, step, micro, 1])              # dropout masks from (seed, step) alone
     out, cache = grad.forward(params, cfg, enc.input_ids, enc.attention_mask, enc.token_type_ids, fca=fca,
                               dropout=dropout, rng=rng if dropout else None)
     d_out = {}
-    if texts.labels is not None:
-        loss_ce, d_ce = grad.cross_entropy(out["logits"], texts.labels[idx])
+    if labels is not None:
+        loss_ce, d_ce = grad.cross_entropy(out["logits"], labels)
         loss_kl, d_kl = grad.kl_to_teacher(out["logits"], t_out.logits, temperature)
         loss = ce * loss_ce + kl * loss_kl
         d_out["logits"] = (ce * d_ce + kl * d_kl).astype(np.float32)
