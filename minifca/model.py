@@ -132,13 +132,14 @@ class Model:
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, fca: FCAConfig | None = None,
                 output_hidden_states=False, output_attentions=False, trace=False, pad_to=None,
                 threads=None) -> Output:
-        with self._threads(threads):
+        with self.limit_threads(threads):
             return self._forward(input_ids, attention_mask, token_type_ids, fca, output_hidden_states,
                                  output_attentions, trace, pad_to)
 
-    def _threads(self, threads):
-        """The thread limit of one call: its own `threads=`, else the one of the call it is inside
-        (embed -> forward), else the model's (from_pretrained)."""
+    def limit_threads(self, threads=None):
+        """A context manager: at most `threads` threads inside it (Numba and BLAS; threadlimit.py). The limit
+        of one call: its own `threads=`, else the one of the call it is inside (embed -> forward), else the
+        model's (from_pretrained). `with model.limit_threads(2): ...` limits every call in the block."""
         if threads is None and threadlimit.active():
             return nullcontext()
         return threadlimit.thread_limit(self.threads if threads is None else threads, numba=self.backend == "numba")
@@ -212,16 +213,24 @@ class Model:
             rows = order[i:i + batch_size]                           # [b]
             yield rows, self.tokenizer.pad([encs[j] for j in rows], tokens=False)
 
-    def embed_batches(self, texts, fca=None, batch_size=32, max_length=None, truncation=None, normalize=None):
-        """(rows, vectors [b, H] float32) per batch as it is computed, longest texts first: what `embed`
-        puts back in input order (vectors[i] is the embedding of texts[rows[i]]). For streaming jobs."""
+    def sentence_inputs(self, texts, max_length=None, truncation=None):
+        """(texts, max_length, truncation) as embedding uses them: a sentence-transformers checkpoint's
+        do_lower_case applied, and its max_seq_length (truncating) unless max_length is given. Raises the
+        ConfigError of a module or pooling mode it cannot follow."""
         st = self.sentence
         st.check()
-        texts, _ = _texts(texts, None, batch_size)
+        texts, _ = _texts(texts, None, 1)
         if st.do_lower_case:
             texts = [t.lower() if isinstance(t, str) else t for t in texts]
         if max_length is None and st.max_seq_length is not None and truncation is not False:
             max_length, truncation = min(st.max_seq_length, self.config.max_position_embeddings), True
+        return texts, max_length, truncation
+
+    def embed_batches(self, texts, fca=None, batch_size=32, max_length=None, truncation=None, normalize=None):
+        """(rows, vectors [b, H] float32) per batch as it is computed, longest texts first: what `embed`
+        puts back in input order (vectors[i] is the embedding of texts[rows[i]]). For streaming jobs."""
+        st = self.sentence
+        texts, max_length, truncation = self.sentence_inputs(texts, max_length, truncation)
         unit = st.normalize if normalize is None else bool(normalize)
         for rows, enc in self.batches(texts, None, batch_size, max_length, truncation):
             out = self(enc, fca=fca)
@@ -247,7 +256,7 @@ class Model:
         single = isinstance(texts, str)
         texts, _ = _texts(texts, None, batch_size)
         emb = np.empty((len(texts), self.config.hidden_size), np.float32)  # [N, H]
-        with self._threads(threads), progress(len(texts), "embed", show_progress_bar) as bar:
+        with self.limit_threads(threads), progress(len(texts), "embed", show_progress_bar) as bar:
             for rows, v in self.embed_batches(texts, fca, batch_size, max_length, truncation, norm):
                 emb[rows] = v                                        # [b, H] back in input order
                 bar.update(len(rows))
@@ -267,7 +276,7 @@ class Model:
         single = isinstance(texts, str)
         texts, pairs = _texts(texts, pairs, batch_size)
         res = [None] * len(texts)
-        with self._threads(threads), progress(len(texts), "classify", show_progress_bar) as bar:
+        with self.limit_threads(threads), progress(len(texts), "classify", show_progress_bar) as bar:
             for rows, enc in self.batches(texts, pairs, batch_size, max_length, truncation):
                 probs = reference.softmax(self(enc, fca=fca).logits.astype(np.float64))  # [b, C]
                 for r, p in zip(rows, probs):

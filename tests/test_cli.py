@@ -97,13 +97,16 @@ def test_run_with_fca_costs_fewer_flops(capsys, sst2_path):
     assert res["fca"]["keep"] == 0.5 and res["flops"] < res["flops_full"]
 
 
-def test_run_too_long_unless_max_length(capsys, minilm_path):
+def test_run_too_long_unless_max_length(capsys, sst2_path, minilm_path):
     long = "word " * 600
-    code, out, err = run_cli(capsys, "run", "--model", minilm_path, long)
+    code, out, err = run_cli(capsys, "run", "--model", sst2_path, long)           # 602 tokens > 512 positions
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("minifca: error:") and "truncat" in err
-    res = run_json(capsys, "run", "--model", minilm_path, "--max-length", "32", long)
-    assert len(res["embeddings"]) == 1
+    res = run_json(capsys, "run", "--model", sst2_path, "--max-length", "32", long)
+    assert len(res["predictions"]) == 1
+    res = run_json(capsys, "run", "--model", minilm_path, long)   # sentence_bert_config.json: cut at 256, as encode does
+    cut = run_json(capsys, "run", "--model", minilm_path, "--max-length", "256", long)
+    assert res["flops"] == cut["flops"] and len(res["embeddings"]) == 1
 
 
 # ---------------------------------------------------------------- demo
@@ -168,3 +171,54 @@ def test_bad_model_path_console_script(tmp_path):
 def test_bad_flag_value_is_an_error_line(capsys, sst2_path):
     code, _, err = run_cli(capsys, "run", "--model", sst2_path, "--fca-keep", "lots", "text")
     assert code == 2 and err.startswith("minifca: error:") and "--fca-keep" in err
+
+
+# ---------------------------------------------------------------- run --batch-size, steady-state times
+
+
+def test_run_in_batches_keeps_input_order(capsys, sst2_path):
+    from conftest import SST2_TRAIN, model_bound, read_sst2
+    texts = read_sst2(SST2_TRAIN, limit=8)[0]
+    one = run_json(capsys, "run", "--model", sst2_path, "--batch-size", "8", *texts)
+    three = run_json(capsys, "run", "--model", sst2_path, "--batch-size", "3", *texts)
+    assert (one["batches"], three["batches"]) == (1, 3)
+    assert [p["text"] for p in three["predictions"]] == texts
+    a = np.array([list(p["probabilities"].values()) for p in one["predictions"]])
+    b = np.array([list(p["probabilities"].values()) for p in three["predictions"]])
+    cfg = minifca.BertConfig.from_json(Path(sst2_path) / "config.json")
+    assert np.abs(a - b).max() <= model_bound(a, cfg, extra_depth=2)      # + pooler and classifier
+    assert three["flops"] == one["flops"]                                  # the same real tokens, counted once
+    assert "one pass over 3 batches" in three["timed"] and "median of 3 forwards" in one["timed"]
+
+
+def test_run_times_the_steady_state(monkeypatch, minilm_path):
+    """The first forward (Numba's compile or cache load) is not in the time printed."""
+    import time
+
+    from minifca.commands.run import run_texts
+    model = minifca.from_pretrained(minilm_path, backend="numpy")
+    real, calls = model.forward, []
+
+    def forward(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.0)                                                # a slow first call
+        return real(*a, **k)
+    monkeypatch.setattr(model, "forward", forward)
+    res = run_texts(model, ["one text", "two texts"], None, repeats=3)
+    assert len(calls) == 4 and res["seconds"] < 0.5                       # warm-up + 3 timed; 1 s left out
+    assert "median of 3 forwards" in res["timed"] and "warm-up" in res["timed"]
+
+
+def test_run_many_texts_skips_the_similarity_matrix(capsys, monkeypatch):
+    from minifca.commands import run
+    monkeypatch.setattr(run, "MAX_SIMILARITY", 2)
+    res = run_json(capsys, "run", "--backend", "numpy", "one", "two", "three")
+    assert res["similarity"] is None and len(res["embeddings"]) == 3
+
+
+def test_demo_names_what_it_timed(capsys):
+    code, out, err = run_cli(capsys, "demo", "--backend", "numpy")
+    assert code == 0, err
+    line = next(i for i, s in enumerate(out.splitlines()) if s.startswith("time:"))
+    assert "median of 5 forwards of the one batch of 6, after a warm-up forward" in out.splitlines()[line + 1]

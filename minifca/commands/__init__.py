@@ -7,10 +7,10 @@ never import this package.
 """
 from __future__ import annotations
 
-from . import ablate, bench, calibrate, demo, distill, evaluate, explain, run
+from . import ablate, bench, calibrate, demo, distill, embed, evaluate, explain, run
 from .common import fca_parent, model_parent
 
-MODULES = (run, demo, explain, evaluate, ablate, calibrate, distill, bench)   # in the order `minifca --help` lists them
+MODULES = (run, embed, demo, explain, evaluate, ablate, calibrate, distill, bench)   # in the order `minifca --help` lists them
 
 
 def register_all(subparsers):

@@ -49,6 +49,8 @@ def model_parent() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="numba", choices=["numpy", "numba", "cuda"],
                    help="numpy = the readable reference; numba = the compiled CPU core (default); cuda = numba.cuda")
     g.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")
+    g.add_argument("--threads", type=int_at_least(1), default=None,
+                   help="the most threads a forward uses, in Numba's loops and the BLAS (default: all configured)")
     return p
 
 
@@ -133,7 +135,7 @@ def fca_from_args(args, num_layers=None):
 
 
 def load_model(args):
-    return from_pretrained(args.model or default_model_path(), backend=args.backend)
+    return from_pretrained(args.model or default_model_path(), backend=args.backend, threads=args.threads)
 
 
 def emit(obj, as_json):
