@@ -3,6 +3,7 @@ and the accuracy/FLOPs plots (`minifca.plot`); the full model's predictions comp
 from __future__ import annotations
 
 import csv
+import json
 from contextlib import closing
 from pathlib import Path
 
@@ -45,6 +46,41 @@ def grid(layers, scores, aggregates, levels, shape="uniform", clusters=2, propor
     return rows
 
 
+RUN_FILE = "run.json"
+
+
+def run_config(model, data, batches, batch_size, pad_to, max_length) -> dict:
+    """What every row of one ablate folder shares: model, data, batching, padded length (`key`: the full
+    model's run_key, which changes with any of them, e.g. with --limit)."""
+    return {"model": str(model.path), "backend": model.backend, "data": data.source, "examples": len(data),
+            "batch_size": batch_size, "max_length": max_length, "pad_to": pad_to,
+            "key": run_key(model, data, None, batches, pad_to)}
+
+
+def claim_folder(out: Path, config: dict):
+    """One folder holds one run's configuration (out/run.json): a rerun with it resumes (and may add grid
+    rows); one with another refuses, saying what differs, rather than mix two runs' rows in one table."""
+    f = out / RUN_FILE
+    if f.exists():
+        try:
+            old = json.loads(f.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"{f}: unreadable ({e}); delete {out} or choose another --out") from None
+        old = old if isinstance(old, dict) else {}
+    elif (out / "results.csv").exists():                             # a folder from before run.json
+        full = [r for r in read_rows(out / "results.csv") if r.get("label") == "full model"]
+        old = {"key": full[0].get("key")} if full else {"key": None}
+    else:
+        f.write_text(json.dumps(config, indent=2) + "\n")
+        return
+    if old.get("key") != config["key"]:
+        diff = [f"{k}: {old[k]!r} there, {config[k]!r} now" for k in config if k != "key" and k in old and old[k] != config[k]]
+        raise ConfigError(f"{out}: holds the results of another ablate run ({'; '.join(diff) or 'another model, data or batching'}); "
+                          f"one folder holds one run's configuration: choose another --out, or delete {out}")
+    if not f.exists():
+        f.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def read_rows(path) -> list:
     if not Path(path).exists():
         return []
@@ -62,6 +98,7 @@ def ablate(model, data, rows, out, batch_size=64, pad_to=64, max_length=None, pr
     out.mkdir(parents=True, exist_ok=True)
     labels = label_ids(data.labels, model.config, data.source)
     batches = make_batches(model, data, batch_size, max_length)
+    claim_folder(out, run_config(model, data, batches, batch_size, pad_to, max_length))
     cache = out / "cache"
     csv_path = out / "results.csv"
     done = {r["key"] for r in read_rows(csv_path)}

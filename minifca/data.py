@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,18 +57,20 @@ def from_columns(columns: dict, source: str) -> Dataset:
 
 
 def _label(v):
+    """A label as read: an int for an integer ("1", " -1 ", or a parquet 1.0), else the text (a label name,
+    matched to the model's id2label by `label_ids`; "1.5" is neither, and is refused there)."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
     s = str(v).strip()
-    try:
-        return int(float(s)) if s.lstrip("-").replace(".", "", 1).isdigit() else s
-    except ValueError:
-        return s
+    return int(s) if re.fullmatch(r"[+-]?[0-9]+", s) else s
 
 
 def read_tsv(path) -> Dataset:
-    """A GLUE TSV with a header line; fields split on tabs (GLUE text has no quoting)."""
+    """A GLUE TSV with a header line; fields split on tabs (GLUE text has no quoting). A UTF-8 byte-order
+    mark (as Excel and Notepad write) is skipped; lines may end in \\n or \\r\\n."""
     path = Path(path)
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             lines = [line.rstrip("\r\n") for line in f]
     except FileNotFoundError:
         raise InputError(f"{path}: data file not found") from None
@@ -114,6 +117,8 @@ def split_files(root, subset=None, split="validation") -> list:
 
 def load_data(spec, subset=None, split="validation", limit=None) -> Dataset:
     """A data file, a GLUE-like folder, or a hub dataset id (e.g. nyu-mll/glue with subset sst2)."""
+    if not isinstance(spec, (str, Path)) or not str(spec).strip():
+        raise InputError(f"data: give a file, a folder or a hub dataset id, got {spec!r}")
     path = Path(str(spec)).expanduser()
     if path.is_file():
         files = [path]
@@ -149,7 +154,8 @@ def label_ids(labels, cfg, source="data") -> np.ndarray:
         elif str(y).lower() in names:
             i = names[str(y).lower()]
         else:
-            raise InputError(f"{source}: label {y!r} is not one of the model's labels {sorted(cfg.id2label.values())}")
+            raise InputError(f"{source}: label {y!r} is not one of the model's labels {sorted(cfg.id2label.values())} "
+                             f"(labels are integer class ids or those names)")
         if not 0 <= i < cfg.num_labels:
             raise InputError(f"{source}: label {i} outside the model's {cfg.num_labels} classes")
         out.append(i)

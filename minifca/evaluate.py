@@ -68,7 +68,7 @@ def predict_many(model, data, fcas, batches, pad_to=64, cache_dir=None, runner=N
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         caches = [Path(cache_dir) / f"{run_key(model, data, fca, batches, pad_to)}.jsonl" for fca in fcas]
-    done = [_read_cache(c) for c in caches]                          # per configuration: {batch: result}
+    done = [_read_cache(c, batches, model.config.num_labels) for c in caches]  # per configuration: {batch: result}
     shards = [list(range(b, min(b + shard_batches, len(batches)))) for b in range(0, len(batches), shard_batches)]
     tasks = [(i, j) for i in range(len(fcas)) for j, shard in enumerate(shards) if any(b not in done[i] for b in shard)]
     left = [sum(t[0] == i for t in tasks) for i in range(len(fcas))]
@@ -104,17 +104,35 @@ def _arrays_only(enc):
     return Encoding(enc.input_ids, enc.attention_mask, enc.token_type_ids)
 
 
-def _read_cache(path) -> dict:
-    """{batch: result} from a pass's cache file (none: {})."""
+def _read_cache(path, batches, n_labels) -> dict:
+    """{batch: result} from a pass's cache file (none: {}). A line that is not a whole result of one of
+    `batches` (cut by an interruption, edited, garbled: no logits, the wrong shape) is recomputed, not trusted."""
     done = {}
     if path is not None and path.exists():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 r = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by an interruption
+            except (json.JSONDecodeError, RecursionError):
                 continue
-            done[r["batch"]] = r
+            if _cached_batch_ok(r, batches, n_labels):
+                done[r["batch"]] = r
     return done
+
+
+CACHED_NUMBERS = ("flops", "flops_full", "flops_full_padded", "seconds")
+
+
+def _cached_batch_ok(r, batches, n_labels) -> bool:
+    """Is a cache line a whole result of one of `batches`: its index, finite logits [b, n_labels], the numbers?"""
+    if not isinstance(r, dict) or not isinstance(r.get("batch"), int) or not 0 <= r["batch"] < len(batches):
+        return False
+    if not all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for k in CACHED_NUMBERS):
+        return False
+    try:
+        logits = np.array(r.get("logits"), dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return logits.shape == (len(batches[r["batch"]][0]), n_labels) and bool(np.isfinite(logits).all())
 
 
 def _assemble(batches, done) -> dict:

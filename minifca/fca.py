@@ -255,7 +255,10 @@ class FCAConfig:
         unknown = set(d) - known - {"comment", "meta"}
         if unknown:
             raise ConfigError(f"{source}: unknown FCA field(s) {', '.join(sorted(unknown))}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except ConfigError as e:                                     # name the file the bad value came from
+            raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
     def load(cls, path) -> "FCAConfig":

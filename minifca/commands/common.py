@@ -12,7 +12,7 @@ import numpy as np
 
 from ..assets import default_model_path
 from ..data import load_data
-from ..errors import InputError, MinifcaError
+from ..errors import ConfigError, InputError
 from ..fca import FCAConfig
 from ..model import from_pretrained
 
@@ -110,7 +110,7 @@ def parse_keep(s: str):
     try:
         vals = [int(p) if p.lstrip("-").isdigit() and "." not in p else float(p) for p in parts]
     except ValueError:
-        raise MinifcaError(f"--fca-keep: cannot read {s!r} as numbers") from None
+        raise ConfigError(f"--fca-keep: cannot read {s!r} as numbers (e.g. 0.5, or 1,0.8,0.6 one per layer)") from None
     if len(vals) == 1:
         return float(vals[0]) if isinstance(vals[0], float) or vals[0] == 1 else [vals[0]]
     if any(isinstance(v, float) for v in vals):
@@ -135,7 +135,35 @@ def fca_from_args(args, num_layers=None):
 
 
 def load_model(args):
-    return from_pretrained(args.model or default_model_path(), backend=args.backend, threads=args.threads)
+    """The --model checkpoint (the default one when the flag is absent; `--model ""` is an error, not the default)."""
+    return from_pretrained(default_model_path() if args.model is None else args.model, backend=args.backend,
+                           threads=args.threads)
+
+
+def texts_from(args_text):
+    """Texts from the command line's arguments, else one per non-empty line of stdin; InputError unless UTF-8.
+
+    Python hands over argument bytes that are not UTF-8 as lone surrogates (surrogateescape): named here,
+    before the tokenizer sees them. stdin is read as bytes and decoded strictly.
+    """
+    for i, t in enumerate(args_text or []):
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(f"text argument {i + 1} is not UTF-8 (byte {ord(t[e.start]) & 0xFF:#04x} at "
+                             f"character {e.start}): give UTF-8 text") from None
+    if args_text:
+        return list(args_text)
+    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise InputError(f"stdin: not UTF-8 ({e.reason} at byte {e.start}, line {line}): give UTF-8 text") from None
+    texts = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+    if not texts:
+        raise InputError("empty input: no texts as arguments, and none on stdin (one per line)")
+    return texts
 
 
 def emit(obj, as_json):

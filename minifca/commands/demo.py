@@ -5,7 +5,7 @@ import numpy as np
 
 from ..explain import picture, print_picture
 from ..fca import FCAConfig
-from .common import add_json, emit, fca_from_args, load_model
+from .common import add_json, emit, fca_from_args, load_model, texts_from
 from .run import run_texts
 
 DEMO_SENTENCES = [
@@ -22,7 +22,7 @@ DEMO_FCA_KEEP = 0.5
 def cmd_demo(args, repeats=5):
     model = load_model(args)
     fca = fca_from_args(args, model.config.num_hidden_layers) or FCAConfig(keep=DEMO_FCA_KEEP)
-    texts = args.text or DEMO_SENTENCES
+    texts = texts_from(args.text) if args.text else DEMO_SENTENCES
     # steady state: each warms up with one forward (Numba's compile or cache load), then the median of `repeats`
     full = run_texts(model, texts, None, args.max_length, batch_size=len(texts), repeats=repeats)
     red = run_texts(model, texts, fca, args.max_length, batch_size=len(texts), repeats=repeats)

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from ..explain import picture, print_picture
 from ..fca import FCAConfig
-from .common import add_json, emit, fca_from_args, load_model
+from .common import add_json, emit, fca_from_args, load_model, texts_from
 from .demo import DEMO_FCA_KEEP
 
 
 def cmd_explain(args):
     model = load_model(args)
     fca = fca_from_args(args, model.config.num_hidden_layers) or FCAConfig(keep=DEMO_FCA_KEEP)
-    pic = picture(model, args.text, fca, args.max_length)
+    pic = picture(model, texts_from([args.text])[0], fca, args.max_length)
     if not emit(pic, args.json):
         print_picture(pic)
 

@@ -1,7 +1,6 @@
 """`minifca run`: classify (classifier head) or embed (encoder only) texts from arguments or stdin."""
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
@@ -9,7 +8,7 @@ import numpy as np
 from ..progress import progress
 from ..reference import softmax
 from ..sentence import l2_normalize, pool
-from .common import add_json, emit, fca_from_args, int_at_least, load_model
+from .common import add_json, emit, fca_from_args, int_at_least, load_model, texts_from
 
 
 MAX_SIMILARITY = 100   # texts whose all-pairs cosine similarity `run` reports (more: `minifca embed` to a file)
@@ -89,7 +88,7 @@ def print_run(res):
 def cmd_run(args):
     model = load_model(args)
     fca = fca_from_args(args, model.config.num_hidden_layers)
-    texts = args.text if args.text else [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    texts = texts_from(args.text)
     res = run_texts(model, texts, fca, args.max_length, args.batch_size)
     if not emit(res, args.json):
         print_run(res)
