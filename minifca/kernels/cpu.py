@@ -30,20 +30,17 @@ residual + LayerNorm over [128, 384] 90 -> 20 us on one thread, scripts/ab_ln_su
 a fixed order by the same compiled code, so the same input gives bit-identical output run to run,
 whatever the scheduling.
 
-Threads: Numba's OpenMP pool and OpenBLAS's pool take turns on the same cores. OpenMP threads
-that spin after a parallel loop starve the next BLAS call (measured: a 1024x768x3072 GEMM
-followed by a LayerNorm took 160 ms instead of 98 ms on 2 cores), so unless the user chose
-otherwise, idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE, read when Numba first starts
-its pool). The other way round, OpenBLAS's idle threads spin ~0.1 s after each product and starve
-the Numba loops; `minifca/_process.py` shortens that (OPENBLAS_THREAD_TIMEOUT, read when NumPy loads).
+Threads: Numba's pool and OpenBLAS's pool take turns on the same cores. Numba's pool is TBB where the `tbb`
+wheel is installed (`minifca/_process.py` says why: no OpenMP runtime of torch's can take it over);
+on GNU OpenMP, threads that spin after a parallel loop starve the next BLAS call (measured: a
+1024x768x3072 GEMM followed by a LayerNorm took 160 ms instead of 98 ms on 2 cores), so idle OpenMP
+threads are asked to sleep there. The other way round, OpenBLAS's idle threads spin ~0.1 s after each
+product and starve the Numba loops; `_process.py` shortens that (OPENBLAS_THREAD_TIMEOUT, read when NumPy loads).
 """
 from __future__ import annotations
 
 import math
-import os
 import sys
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numba as nb
 import numpy as np
