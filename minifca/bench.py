@@ -62,6 +62,36 @@ def sgemm_gflops(n=2048, runs=5):
     return 2 * n ** 3 / median_ms(lambda: a @ a, runs, warmup=1) / 1e6
 
 
+BLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")   # set on some machines for old OpenBLAS builds
+
+
+def blas_info():
+    """The BLAS libraries NumPy's products run on, as threadpoolctl sees them: library, version, kernel
+    (OpenBLAS's `architecture` is the core type whose kernels it picked: SkylakeX, Haswell, ...), and any
+    OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE override in the environment (OpenBLAS then runs the kernel it names,
+    not the one it would pick for this CPU: sgemm 234 instead of ~450 GFLOP/s with Haswell on AVX-512 cores)."""
+    from threadpoolctl import threadpool_info
+    libs = [{"library": i["internal_api"], "version": i.get("version"), "kernel": i.get("architecture"),
+             "threading": i.get("threading_layer"), "threads": i.get("num_threads"),
+             "file": os.path.basename(i["filepath"])} for i in threadpool_info() if i["user_api"] == "blas"]
+    return {"libraries": libs, "overrides": {k: os.environ[k] for k in BLAS_OVERRIDES if k in os.environ}}
+
+
+def blas_line(info):
+    libs = "; ".join(f"{b['library']} {b['version']} ({b['kernel'] or 'kernel not reported'} kernel, "
+                     f"{b['threading']} threads)" for b in info["libraries"]) or "none found"
+    return f"BLAS: {libs}"
+
+
+def override_warning(info):
+    if not info["overrides"]:
+        return None
+    set_ = ", ".join(f"{k}={v}" for k, v in info["overrides"].items())
+    unset = " ".join(f"-u {k}" for k in info["overrides"])
+    return (f"warning: {set_} is set: OpenBLAS runs the kernel it names, not the one it picks for this CPU, so the "
+            f"figures of every engine that uses OpenBLAS are not what users get (rerun with `env {unset} minifca bench`)")
+
+
 def random_ids(B, L, vocab, seed=0):
     return np.random.default_rng(seed).integers(1000 % vocab, vocab, (B, L))
 
@@ -288,10 +318,14 @@ def run_bench(backends=("numba", "numpy"), quick=False, runs=None, threads=None,
     runs = runs or (2 if quick else 5)
     models, shapes = (QUICK_MODELS, QUICK_SHAPES) if quick else (MODELS, SHAPES)
     engines = list(backends) + [e for e in ("torch", "onnxruntime") if importable(e)]
+    blas = blas_info()
+    log(blas_line(blas))
+    if override_warning(blas):
+        log(override_warning(blas))
     log(f"sgemm ({'512' if quick else '2048'}^3, NumPy)")
     peak = sgemm_gflops(512 if quick else 2048, runs)
     res = {"machine": {"cpu_count": os.cpu_count(), "threads": threads, "sgemm_gflops": peak,
-                       "numpy": np.__version__},
+                       "numpy": np.__version__, "blas": blas},
            "runs": runs, "engines": engines, "models": {}}
     for name, shape in models.items():
         folder = ensure_checkpoint(Path(root), name, shape)
@@ -351,6 +385,10 @@ def print_report(res):
     m = res["machine"]
     print(f"machine: {m['cpu_count']} cores, {m['threads']} threads, sgemm {m['sgemm_gflops']:.1f} GFLOP/s; "
           f"medians of {res['runs']} runs")
+    if "blas" in m:
+        print(blas_line(m["blas"]))
+        if override_warning(m["blas"]):
+            print(override_warning(m["blas"]))
     for name, entry in res["models"].items():
         print(f"\n== {name} (checkpoint {entry['checkpoint_bytes'] / 2**20:.1f} MiB) ==")
         print(f"{'shape':>7} {'engine':>12} {'ms':>9} {'GFLOP/s':>8} {'%peak':>6} {'vs torch':>8} {'vs ORT':>7}"

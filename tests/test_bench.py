@@ -37,6 +37,30 @@ def test_quick_bench_reports_every_engine_and_figure(quick_result):
     assert 0 < res["first_output_seconds"] < 60
 
 
+def test_bench_names_the_blas_kernel_and_warns_of_an_override(quick_result, capsys):
+    """The BLAS library, version and kernel threadpoolctl reports, in the result and the printed report; a warning
+    when OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE is set (made from a result here: the tests leave the environment alone)."""
+    import os
+
+    from threadpoolctl import threadpool_info
+    res, _ = quick_result
+    blas = res["machine"]["blas"]
+    loaded = [i for i in threadpool_info() if i["user_api"] == "blas"]
+    assert [(b["library"], b["version"]) for b in blas["libraries"]] == [(i["internal_api"], i["version"]) for i in loaded]
+    assert all(b["kernel"] for b in blas["libraries"] if b["library"] == "openblas")
+    assert blas["overrides"] == {k: os.environ[k] for k in bench.BLAS_OVERRIDES if k in os.environ}
+    bench.print_report(res)
+    out = capsys.readouterr().out
+    for b in blas["libraries"]:
+        assert f"{b['library']} {b['version']} ({b['kernel']} kernel" in out
+    assert ("warning: OPENBLAS_CORETYPE" in out) == ("OPENBLAS_CORETYPE" in blas["overrides"])
+    forced = {**res, "machine": {**res["machine"], "blas": {**blas, "overrides": {"OPENBLAS_CORETYPE": "Haswell"}}}}
+    bench.print_report(forced)
+    out = capsys.readouterr().out
+    assert "warning: OPENBLAS_CORETYPE=Haswell is set" in out and "env -u OPENBLAS_CORETYPE minifca bench" in out
+    assert bench.override_warning({"libraries": [], "overrides": {}}) is None
+
+
 def test_bench_cli_json(tmp_path, capsys, monkeypatch):
     calls = {}
 
