@@ -10,7 +10,7 @@ from pathlib import Path
 from .data import label_ids
 from .errors import ConfigError
 from .evaluate import make_batches, predict_many, run_key, summarize
-from .fca import FCAConfig
+from .fca import FCAConfig, aggregate_facts
 from .plot import plot
 
 CSV_FIELDS = ["key", "label", "score", "aggregate", "clusters", "proportional", "start_layer", "keep", "level",
@@ -35,7 +35,7 @@ def grid(layers, scores, aggregates, levels, shape="uniform", clusters=2, propor
     for score in scores:
         for agg in aggregates:
             for prop in proportional:
-                c = clusters if agg in ("clusters", "similarity") else 1
+                c = clusters if aggregate_facts(agg).coarse_units == "clusters" else 1
                 label = f"{score} + {agg}" + (f"-{c}" if c > 1 else "") + (" + prop" if prop else "")
                 for level in levels:
                     rows.append((label, level, FCAConfig(keep=schedule(level, shape, layers), score=score,

@@ -92,7 +92,7 @@ def kernel_profile(model, ids, mask, fca: FCAConfig | None = None, repeats=3) ->
 
     keys = sequence_keys(ids, mask) if fca is not None else None
     tt = np.zeros_like(ids)
-    fwd = lambda: ops.bert_forward(model.params, model.config, ids, mask, tt, fca=fca, keys=keys)
+    fwd = lambda: reference.bert_forward(model.params, model.config, ids, mask, tt, fca=fca, ops=ops, keys=keys)
     fwd()
     plain_k, plain_host = ops.k, {fn: getattr(kc, fn) for fn in HOST_FCA.values()}
     ops.k = SimpleNamespace(**{**vars(plain_k), **{n: Launcher(n, getattr(plain_k, n)) for n in KERNEL_NAMES}})
@@ -118,7 +118,7 @@ def parity(model, ids, mask, fca: FCAConfig | None = None) -> dict:
     final valid units (and of every hidden state when fca is None), and whether FCA kept the same units."""
     keys = sequence_keys(ids, mask) if fca is not None else None
     kw = dict(fca=fca, keys=keys, output_hidden_states=fca is None)
-    got = model.ops.bert_forward(model.params, model.config, ids, mask, np.zeros_like(ids), **kw)
+    got = reference.bert_forward(model.params, model.config, ids, mask, np.zeros_like(ids), ops=model.ops, **kw)
     want = reference.bert_forward(model.params, model.config, ids, mask, np.zeros_like(ids), **kw)
     same = got["mask"].shape == want["mask"].shape and np.array_equal(got["mask"], want["mask"])
     valid = want["mask"][:, :, None] > 0
@@ -154,7 +154,7 @@ def bench_cuda(model, ids, mask, fcas: dict | None = None, repeats=20, warmup=3,
 
     def ours(f):
         keys = sequence_keys(ids, mask) if f is not None else None
-        return lambda: model.ops.bert_forward(model.params, model.config, ids, mask, tt, fca=f, keys=keys)
+        return lambda: reference.bert_forward(model.params, model.config, ids, mask, tt, fca=f, ops=model.ops, keys=keys)
 
     full = _median_ms(ours(None), repeats, warmup, cuda.synchronize)
     rows.append({"impl": "minifca cuda, full", "ms": full})

@@ -14,6 +14,14 @@ Adding an ablation is one function and one name:
     @register_score("my_rule")
     def my_rule(stats, x, keys, rng):   # stats: {"received", "cls", "entropy"} each [n]; x, keys [n, H]
         return ...                      # [n] higher = more informative
+
+and the facts the fast paths need are registered with it, in the same line: a rule that scores a whole
+batch at once (`batched=True`: no keys, no rng, fn(stats [B, n], x [B, n, H], None, None) -> [B, n])
+runs batched in NumPy, in Numba and on the GPU; one that returns a statistic as it is (`stat="cls"`)
+is read on the GPU where the statistic was computed. An aggregation rule says how many coarse units
+it makes (`coarse_units`) and, if batched, how it weighs each group (`weights`). Every table of the
+fast paths (kernels/cpu.py, kernels/cuda.py, `batchable`, `batch_plan`, ablate's grid) is derived
+from these facts.
 """
 from __future__ import annotations
 
@@ -29,41 +37,69 @@ from .errors import ConfigError
 
 # ---------------------------------------------------------------- scoring rules
 
-SCORES = {}
+ATTENTION_STATS = ("received", "cls", "entropy")  # what `reference.attention_stats` gives every rule
 
 
-def register_score(name):
+@dataclass(frozen=True)
+class ScoreFacts:
+    """What the fast paths need to know about a scoring rule; registered with it (`register_score`)."""
+    stat: str | None = None  # the rule returns this statistic of the layer as it is: one of ATTENTION_STATS,
+                             # or "hidden_norm" (each unit's L2 norm); the GPU reads it where it computed it
+    batched: bool = False    # fn(stats [B, n], x [B, n, H], None, None) scores a whole batch (no keys, no rng)
+    hidden: bool = True      # reads the hidden states x
+    stats: bool = True       # reads the attention statistics (asked of the attention only then)
+
+
+SCORES = {}        # name -> fn(stats, x, keys, rng) -> [n]
+SCORE_FACTS = {}   # name -> (fn, ScoreFacts): the facts hold for the function they were registered with
+
+
+def register_score(name, *, stat=None, batched=False, hidden=None, stats=None):
+    """Register fn(stats, x, keys, rng) -> [n] scores as the rule `name`, with its facts (see ScoreFacts):
+    by default a rule reads everything and runs one sequence at a time; `stat` implies what it reads."""
+    if stat is not None and stat not in ATTENTION_STATS + ("hidden_norm",):
+        raise ConfigError(f"score {name!r}: stat {stat!r} unknown; choose from "
+                          f"{', '.join(ATTENTION_STATS + ('hidden_norm',))}")
+    facts = ScoreFacts(stat, bool(batched), (stat is None or stat == "hidden_norm") if hidden is None else hidden,
+                       (stat is None or stat in ATTENTION_STATS) if stats is None else stats)
+
     def deco(fn):
-        SCORES[name] = fn
+        SCORES[name], SCORE_FACTS[name] = fn, (fn, facts)
         return fn
     return deco
 
 
-@register_score("attention_received")
+def score_facts(name) -> ScoreFacts:
+    """The facts of the scoring rule now under `name` (a function put there without them has the defaults)."""
+    fn, facts = SCORE_FACTS.get(name, (None, None))
+    return facts if fn is not None and SCORES.get(name) is fn else ScoreFacts()
+
+
+@register_score("attention_received", stat="received", batched=True)
 def attention_received(stats, x, keys, rng):
     """The paper's (and PoWER-BERT's) rule: attention received from the other units."""
     return stats["received"]                                         # [n]
 
 
-@register_score("cls_attention")
+@register_score("cls_attention", stat="cls", batched=True)
 def cls_attention(stats, x, keys, rng):
     """Attention that [CLS] pays to each unit."""
     return stats["cls"]                                              # [n]
 
 
-@register_score("hidden_norm")
+@register_score("hidden_norm", stat="hidden_norm", batched=True)
 def hidden_norm(stats, x, keys, rng):
     """L2 norm of the unit's hidden state after Add & LayerNorm."""
     return np.sqrt((x.astype(np.float64) ** 2).sum(-1))              # [n, H] -> [n]
 
 
-@register_score("attention_entropy")
+@register_score("attention_entropy", stat="entropy", batched=True)
 def attention_entropy(stats, x, keys, rng):
     """Entropy of the unit's own attention row: units that gather from many others score higher."""
     return stats["entropy"]                                          # [n]
 
 
-@register_score("random")
+@register_score("random", hidden=False)
 def random_score(stats, x, keys, rng):
     """The floor every rule must beat; seeded by (seed, layer, the sequence's tokens)."""
     return rng.random(len(x))                                        # [n]
@@ -74,14 +110,49 @@ def random_score(stats, x, keys, rng):
 # keys [m, H] and the number of coarse units c; it returns groups [m] (coarse unit of each
 # member, -1 = dropped) and weights [m] (>= 0, summing to 1 within each group).
 
-AGGREGATES = {}
 
 
-def register_aggregate(name):
+@dataclass(frozen=True)
+class AggregateFacts:
+    """What the fast paths need to know about an aggregation rule; registered with it (`register_aggregate`)."""
+    coarse_units: str = "clusters"  # how many it makes: "none" (U dropped), "one", or "clusters" (FCAConfig.clusters)
+    weights: str | None = None      # batched: how each group's members are weighed: "sizes" (size-weighted mean)
+                                    # or "softmax" (of their scores, within the group)
+    batched: bool = False           # groups U into contiguous chunks by position (one chunk per coarse unit) and
+                                    # weighs them by `weights`, reading no keys: the batched paths can run it
+
+
+AGGREGATES = {}        # name -> fn(scores, sizes, keys, c) -> (groups, weights)
+AGGREGATE_FACTS = {}   # name -> (fn, AggregateFacts): the facts hold for the function they were registered with
+COARSE_UNITS = ("none", "one", "clusters")
+
+
+def register_aggregate(name, *, coarse_units="clusters", weights=None, batched=False):
+    """Register fn(scores, sizes, keys, c) -> (groups, weights) as the rule `name`, with its facts (see
+    AggregateFacts): by default a rule is handed FCAConfig.clusters as c and runs one sequence at a time."""
+    if coarse_units not in COARSE_UNITS:
+        raise ConfigError(f"aggregate {name!r}: coarse_units {coarse_units!r} unknown; choose from "
+                          f"{', '.join(COARSE_UNITS)}")
+    if batched and coarse_units != "none" and weights not in ("sizes", "softmax"):
+        raise ConfigError(f"aggregate {name!r}: a batched rule weighs its groups by 'sizes' or 'softmax', "
+                          f"got weights={weights!r}")
+    facts = AggregateFacts(coarse_units, weights, bool(batched))
+
     def deco(fn):
-        AGGREGATES[name] = fn
+        AGGREGATES[name], AGGREGATE_FACTS[name] = fn, (fn, facts)
         return fn
     return deco
+
+
+def aggregate_facts(name) -> AggregateFacts:
+    """The facts of the aggregation rule now under `name` (a function put there without them has the defaults)."""
+    fn, facts = AGGREGATE_FACTS.get(name, (None, None))
+    return facts if fn is not None and AGGREGATES.get(name) is fn else AggregateFacts()
+
+
+def coarse_units(aggregate, clusters):
+    """How many coarse units the rule `aggregate` makes with FCAConfig.clusters = clusters (before capping by |U|)."""
+    return {"none": 0, "one": 1, "clusters": clusters}[aggregate_facts(aggregate).coarse_units]
 
 
 def _softmax(s):
@@ -102,26 +173,26 @@ def _softmax_in_groups(groups, s):
     return _normalise_in_groups(groups, np.exp(s - top[groups]))
 
 
-@register_aggregate("drop")
+@register_aggregate("drop", coarse_units="none", batched=True)
 def drop(scores, sizes, keys, c):
     """PoWER-BERT: the non-selected units are discarded."""
     m = len(scores)
     return np.full(m, -1), np.zeros(m)
 
 
-@register_aggregate("mean")
+@register_aggregate("mean", coarse_units="one", weights="sizes", batched=True)
 def mean(scores, sizes, keys, c):
     """One coarse unit: the plain average of the input tokens it holds (size-weighted)."""
     return np.zeros(len(scores), dtype=np.int64), sizes / sizes.sum()
 
 
-@register_aggregate("weighted")
+@register_aggregate("weighted", coarse_units="one", weights="softmax", batched=True)
 def weighted(scores, sizes, keys, c):
     """The paper's rule: one coarse unit, alpha = softmax(scores of U)."""
     return np.zeros(len(scores), dtype=np.int64), _softmax(scores.astype(np.float64))
 
 
-@register_aggregate("clusters")
+@register_aggregate("clusters", weights="softmax", batched=True)
 def clusters(scores, sizes, keys, c):
     """The paper's FCA-k: U split into c contiguous chunks by position, softmax weights in each."""
     m = len(scores)
@@ -187,8 +258,9 @@ class FCAConfig:
             raise ConfigError(f"FCA aggregate {self.aggregate!r} unknown; choose from {', '.join(AGGREGATES)}")
         if isinstance(self.clusters, bool) or not isinstance(self.clusters, (int, np.integer)) or self.clusters < 1:
             raise ConfigError(f"FCA clusters must be a positive integer, got {self.clusters!r}")
-        if self.clusters > 1 and self.aggregate in ("drop", "mean", "weighted"):
-            raise ConfigError(f"FCA clusters={self.clusters} needs aggregate 'clusters' or 'similarity' "
+        if self.clusters > 1 and aggregate_facts(self.aggregate).coarse_units != "clusters":
+            several = [a for a in AGGREGATES if aggregate_facts(a).coarse_units == "clusters"]
+            raise ConfigError(f"FCA clusters={self.clusters} needs aggregate {' or '.join(map(repr, several))} "
                               f"('{self.aggregate}' makes one coarse unit)")
         for name in ("start_layer", "seed"):
             v = getattr(self, name)
@@ -408,10 +480,18 @@ class FCAState:
         if self.trace is not None:
             self.trace.append([_describe(M, S, k) for M, S, k in zip(self.members, self.inside, self.n_fine)])
 
-    def reduce(self, layer, cfg, x, mask, sizes, stats, keys, ops=None):
-        """Shorten every sequence of the batch; returns x [B, n', H], mask [B, n'], sizes [B, n']."""
-        if self.members is None and batchable(cfg):                 # same result, no Python per sequence
-            return self._reduce_batched(layer, cfg, x, mask, sizes, stats, keys, ops)
+    def batched(self, cfg) -> bool:
+        """Is this layer decided for the whole batch at once (rules with batched facts, no trace)?"""
+        return self.members is None and batchable(cfg)
+
+    def reduce(self, layer, cfg, x, mask, sizes, stats, keys, reduce_batch=None):
+        """Shorten every sequence of the batch; returns x [B, n', H], mask [B, n'], sizes [B, n'].
+
+        stats is None when the score reads no attention statistics. reduce_batch: the backend's own
+        (same arguments as `reduce_batch` here, the default) for the layers decided batched."""
+        if self.batched(cfg):                                        # same result, no Python per sequence
+            return self._reduce_batched(layer, cfg, x, mask, sizes, stats, keys, reduce_batch)
+        stats = stats or {}
         B, _, H = x.shape
         outs, n_in, n_merged, n_fine, scored = [], [], [], [], []
         for b in range(B):
@@ -439,17 +519,16 @@ class FCAState:
         self.record(layer, new_mask, merged=(np.array(n_in), np.array(n_merged), n_fine), scored=np.array(scored))
         return new_x, new_mask, new_sizes
 
-    def _reduce_batched(self, layer, cfg, x, mask, sizes, stats, keys, ops=None):
-        """`reduce` for the whole batch at once (rules in BATCHABLE, no trace): same units, order, sizes.
+    def _reduce_batched(self, layer, cfg, x, mask, sizes, stats, keys, apply=None):
+        """`reduce` for the whole batch at once (rules with batched facts, no trace): same units, order, sizes.
 
         The counts come first (`batch_plan`: they do not depend on the scores); then `reduce_batch`,
-        or the backend's own compiled `reduce_batch` when `ops` has one, picks and merges the units.
+        or the backend's own compiled one (`apply`), picks and merges the units.
         """
         valid = mask > 0                                             # [B, n]
         plan = batch_plan(cfg, layer, self.n_tokens, valid)
-        s = np.asarray(SCORES[cfg.score](stats, x, keys, None), np.float64)  # [B, n]
-        apply = getattr(ops, "reduce_batch", None) or reduce_batch
-        new_x, new_sizes = apply(s, x, sizes, valid, plan.k, plan.c, plan.active, cfg.aggregate)
+        s = np.asarray(SCORES[cfg.score](stats, x, None, None), np.float64)  # [B, n]
+        new_x, new_sizes = (apply or reduce_batch)(s, x, sizes, valid, plan.k, plan.c, plan.active, cfg.aggregate)
         self.record_plan(layer, plan)
         return new_x, plan.mask.astype(mask.dtype), new_sizes
 
@@ -479,8 +558,8 @@ def batch_plan(cfg, layer, n_tokens, valid) -> BatchPlan:
     nv = valid.sum(1).astype(np.int64)                               # [B] units entering
     k = np.array([cfg.k(layer, int(t), int(v)) for t, v in zip(n_tokens, nv)], np.int64)  # [B]
     m = nv - k                                                       # [B] |U|
-    dropping = cfg.aggregate == "drop"
-    c = np.zeros_like(m) if dropping else np.minimum(cfg.clusters if cfg.aggregate == "clusters" else 1, m)
+    dropping = aggregate_facts(cfg.aggregate).coarse_units == "none"
+    c = np.minimum(coarse_units(cfg.aggregate, cfg.clusters), m)   # [B]
     active = (m > 0) & (dropping | (c < m))                          # else each unit left would be its own coarse unit
     c = np.where(active, c, 0)
     n_out = units_out(valid, k, c, active)
@@ -497,13 +576,14 @@ def reduce_batch(s, x, sizes, valid, k, c, active, aggregate):
     """Select and aggregate every sequence of a batch: the units of `batch_plan`, decided by the scores.
 
     s [B, n] float64 scores, x [B, n, H], sizes [B, n], valid [B, n] bool; k, c [B] int64 and
-    active [B] bool from `batch_plan`; aggregate: drop, mean, weighted or clusters.
+    active [B] bool from `batch_plan`; aggregate: a rule with batched facts (drop, mean, weighted, clusters).
     Returns new_x [B, N, H] (fine units, coarse units, zero padding) and new_sizes [B, N].
     """
     B, n, H = x.shape
     fine = _select_batched(s, valid, k)                              # [B, n] [CLS] + the k-1 best
     keep = np.where(active[:, None], fine, valid)                    # [B, n] units copied as they are
-    grouped = valid & ~fine & active[:, None] & (aggregate != "drop")  # [B, n] members of a coarse unit
+    dropping = aggregate_facts(aggregate).coarse_units == "none"
+    grouped = valid & ~fine & active[:, None] & (not dropping)       # [B, n] members of a coarse unit
     W, member = _coarse_weights(aggregate, s, sizes, grouped, c)     # [B, C, n] float64, bool
     n_keep = keep.sum(1)                                             # [B]
     N = int(units_out(valid, k, c, active).max())
@@ -518,14 +598,9 @@ def reduce_batch(s, x, sizes, valid, k, c, active, aggregate):
     return new_x, new_sizes
 
 
-BATCHABLE_SCORES = (attention_received, cls_attention, hidden_norm, attention_entropy)  # one number per unit,
-BATCHABLE_AGGREGATES = (drop, mean, weighted, clusters)                                # no rng, no keys
-
-
 def batchable(cfg):
-    """Can `FCAState._reduce_batched` decide this layer (the rules themselves, not re-registered ones)?"""
-    return (any(SCORES[cfg.score] is f for f in BATCHABLE_SCORES)
-            and any(AGGREGATES[cfg.aggregate] is f for f in BATCHABLE_AGGREGATES))
+    """Can `FCAState._reduce_batched` decide this layer? (Both rules registered with batched=True.)"""
+    return score_facts(cfg.score).batched and aggregate_facts(cfg.aggregate).batched
 
 
 def _select_batched(s, valid, k):
@@ -541,7 +616,7 @@ def _select_batched(s, valid, k):
 
 
 def _coarse_weights(aggregate, s, sizes, grouped, c):
-    """AGGREGATES (mean/weighted/clusters) on every row: W [B, C, n] float64 weights, member [B, C, n] bool.
+    """A batched aggregation rule on every row: W [B, C, n] float64 weights, member [B, C, n] bool.
 
     grouped [B, n]: the units of U that join a coarse unit (in sequence order), c [B] coarse units
     per row; clusters cuts U into c contiguous chunks as np.array_split does.
@@ -554,10 +629,10 @@ def _coarse_weights(aggregate, s, sizes, grouped, c):
     q, big = m // cb, m % cb                                         # chunk length; chunks one longer
     g = np.where(r < big * (q + 1), r // (q + 1), big + (r - big * (q + 1)) // np.maximum(q, 1))  # [M]
     gid = bi * C + g                                                 # [M] coarse unit over the batch
-    if aggregate == "mean":
+    if aggregate_facts(aggregate).weights == "sizes":             # size-weighted, as `mean`
         total = np.zeros(B * C, sizes.dtype)
         np.add.at(total, gid, sizes[bi, ji])
-        w = (sizes[bi, ji] / total[gid]).astype(np.float64)          # size-weighted, as `mean`
+        w = (sizes[bi, ji] / total[gid]).astype(np.float64)          # [M]
     else:                                                            # softmax in each group, as `weighted`, `clusters`
         w = _softmax_in_groups(gid, s[bi, ji]) if len(gid) else np.zeros(0)
     W = np.zeros((B, C, n))

@@ -158,7 +158,7 @@ class Model:
             if "token_classifier" in self.params:
                 raise ConfigError(f"{self.path}: a token classifier (BertForTokenClassification) labels every input "
                                   f"token, and FCA merges tokens: run it without fca")
-        r = self.ops.bert_forward(self.params, cfg, ids, mask, tt, fca=fca, ops=self.ops,
+        r = reference.bert_forward(self.params, cfg, ids, mask, tt, fca=fca, ops=self.ops,
                                   keys=sequence_keys(ids, mask) if fca is not None else None,
                                   output_hidden_states=output_hidden_states,
                                   output_attentions=output_attentions, trace=trace)

@@ -5,15 +5,18 @@ after FCA layers fine + coarse units), H hidden, h heads, d = H / h, I intermedi
 Parameters are the nested dict built by `weights.to_params`, unpacked with `**`.
 Linear weights keep the checkpoint's [out, in] layout, so a layer is `x @ w.T + b`.
 
-The forward pass itself (`bert_forward`) is written once and takes `ops`, a module that
-provides the compute functions below under the same names: this module for the reference,
-`minifca.kernels.cpu` for the Numba backend.
+The forward pass itself (`bert_forward`) is written once, the only loop over layers in the package,
+and takes `ops`: this module for the reference, `minifca.kernels.cpu` (Numba) or a
+`minifca.kernels.cuda.CudaOps` (GPU). The functions it calls on `ops` are the ops contract, written
+out in `minifca/kernels/__init__.py`; every backend provides exactly those.
 """
 from __future__ import annotations
 
 import sys
 
 import numpy as np
+
+from . import fca as fca_mod
 
 NEG = np.float32(np.finfo(np.float32).min)  # additive mask for padding keys, as transformers uses
 
@@ -138,6 +141,32 @@ def mlm_head(x, transform, ln, decoder, act, eps):
     return linear(y, **decoder)                                      # [B, n, V]
 
 
+# ---------------------------------------------------------------- FCA and where the arrays live (ops contract)
+
+
+def reduce(state, layer, cfg, x, mask, sizes, stats, keys):
+    """One FCA layer for the batch (`fca.FCAState.reduce`), its batched layers by `reduce_batch`."""
+    return state.reduce(layer, cfg, x, mask, sizes, stats, keys, reduce_batch)  # [B, n', H], [B, n'], [B, n']
+
+
+reduce_batch = fca_mod.reduce_batch                                  # the NumPy one is the reference
+
+
+def log_size(sizes):
+    """Proportional attention's bias: log(size) of every unit, added to the logits of that key."""
+    return np.log(np.maximum(sizes, 1e-30))                          # [B, n]
+
+
+def resident_params(params):
+    """The parameters as this backend keeps them: NumPy reads them where they are."""
+    return params
+
+
+def to_host(a):
+    """An activation as a NumPy array: here it is one already."""
+    return a
+
+
 def mean_pool(x, mask, sizes=None):
     """Mean of the valid units (sentence-transformers' pooling); each unit weighs its size."""
     w = mask.astype(np.float32) if sizes is None else sizes * (mask > 0)  # [B, n]
@@ -156,29 +185,30 @@ def bert_forward(params, cfg, ids, mask, tt, fca=None, ops=None, keys=None,
     Returns a dict: last_hidden_state, mask, sizes, hidden_states, attentions, units (per-layer
     counts for FLOPs), trace.
     """
-    from . import fca as fca_mod
     ops = ops or sys.modules[__name__]                               # this module: the NumPy ops
     eps, n_head, act = cfg.layer_norm_eps, cfg.num_attention_heads, cfg.hidden_act
-    mask = (np.asarray(mask) > 0).astype(np.float32)                 # [B, L]
+    params = ops.resident_params(params)                             # the GPU's copy, uploaded once
+    mask = (np.asarray(mask) > 0).astype(np.float32)                 # [B, L] (the mask stays on the host)
     x = ops.embeddings(ids, tt, **params["embeddings"], eps=eps)     # [B, L, H]
     sizes = mask.copy()                                              # [B, n] input tokens per unit
     state = fca_mod.FCAState.start(mask, keys, trace) if fca is not None else None
-    hidden, attns = [x] if output_hidden_states else None, [] if output_attentions else None
+    scores_read_stats = fca is not None and fca_mod.score_facts(fca.score).stats
+    hidden, attns = [ops.to_host(x)] if output_hidden_states else None, [] if output_attentions else None
     for layer, p in enumerate(params["layers"]):
         reduce = fca is not None and fca.active(layer)
-        log_size = np.log(np.maximum(sizes, 1e-30)) if fca is not None and fca.proportional_attention else None
+        log_size = ops.log_size(sizes) if fca is not None and fca.proportional_attention else None  # [B, n]
         a, probs, stats, K = ops.attention(x, mask, log_size, **p["attn"], n_head=n_head,
-                                           want_probs=attns is not None, want_stats=reduce)
+                                           want_probs=attns is not None, want_stats=reduce and scores_read_stats)
         x = ops.add_layer_norm(a, x, **p["attn_ln"], eps=eps)     # [B, n, H]
         if attns is not None:
-            attns.append(probs)
+            attns.append(ops.to_host(probs))
         if reduce:
-            x, mask, sizes = state.reduce(layer, fca, x, mask, sizes, stats, K, ops)  # [B, n', H]
+            x, mask, sizes = ops.reduce(state, layer, fca, x, mask, sizes, stats, K)  # [B, n', H]
         elif state is not None:
             state.record(layer, mask)
         x = ops.add_layer_norm(ops.ffn(x, **p["ffn"], act=act), x, **p["ffn_ln"], eps=eps)
         if hidden is not None:
-            hidden.append(x)
-    return {"last_hidden_state": x, "mask": mask, "sizes": sizes, "hidden_states": hidden,
+            hidden.append(ops.to_host(x))
+    return {"last_hidden_state": ops.to_host(x), "mask": mask, "sizes": ops.to_host(sizes), "hidden_states": hidden,
             "attentions": attns, "units": None if state is None else state.units,
             "trace": None if state is None else state.trace}

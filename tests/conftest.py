@@ -107,3 +107,25 @@ def minilm_path():
 def sst2_path():
     assert SST2_MODEL.is_dir(), f"shared SST-2 checkpoint missing at {SST2_MODEL}"
     return SST2_MODEL
+
+
+@pytest.fixture
+def new_rules():
+    """A scoring rule and an aggregation rule added as a built-in one is: each registered in one place, its
+    facts with it. No table of the fast paths names them. Removed again afterwards."""
+    from minifca import fca
+
+    @fca.register_score("received_minus_cls", batched=True)
+    def received_minus_cls(stats, x, keys, rng):
+        """Attention received, less what [CLS] alone pays (scores a sequence [n] or a batch [B, n])."""
+        return stats["received"] - stats["cls"]
+
+    @fca.register_aggregate("size_chunks", coarse_units="clusters", weights="sizes", batched=True)
+    def size_chunks(scores, sizes, keys, c):
+        """U cut into c contiguous chunks by position (as `clusters`), each the size-weighted mean of its members."""
+        groups, _ = fca.clusters(scores, sizes, keys, c)
+        return groups, fca._normalise_in_groups(groups, sizes.astype(np.float64))
+
+    yield "received_minus_cls", "size_chunks"
+    for table in (fca.SCORES, fca.SCORE_FACTS, fca.AGGREGATES, fca.AGGREGATE_FACTS):
+        table.pop("received_minus_cls", None), table.pop("size_chunks", None)

@@ -28,3 +28,39 @@ def test_no_import_by_name_string():
               for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
               if re.search(r"\bimport_module\(|__import__\(", line)]
     assert not hidden, hidden
+
+
+def test_every_backend_provides_exactly_the_ops_contract():
+    """kernels.OPS (written out in kernels/__init__.py): each backend has every op, with those arguments."""
+    import inspect
+
+    from minifca import kernels, reference
+    from minifca.kernels import cpu, cuda
+    for backend, drop_self in ((reference, False), (cpu, False), (cuda.CudaOps, True)):
+        for op, args in kernels.OPS.items():
+            fn = getattr(backend, op, None)
+            assert callable(fn), f"{backend.__name__} has no {op}"
+            params = list(inspect.signature(fn).parameters)[1 if drop_self else 0:]
+            assert tuple(params) == args, f"{backend.__name__}.{op}{tuple(params)}: the contract says {args}"
+
+
+def test_the_one_layer_loop_calls_only_the_contract():
+    """reference.bert_forward is the loop every backend runs: what it (and FCA through `reduce`) asks of
+    `ops` is the contract, no more and no less; no backend has a forward of its own."""
+    import ast
+    import inspect
+
+    from minifca import kernels, reference
+    from minifca.kernels import cpu, cuda
+    tree = ast.parse(inspect.getsource(reference.bert_forward))
+    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+            and n.value.id == "ops"}
+    assert used | {"reduce_batch"} == set(kernels.OPS), used           # reduce_batch: what each `reduce` uses
+    assert not any(hasattr(b, "bert_forward") for b in (cpu, cuda.CudaOps))
+
+
+def test_activation_names_are_the_references():
+    """config accepts the activations the reference defines; the kernels' codes cover every one."""
+    from minifca import config, reference
+    from minifca.kernels import cpu, cuda
+    assert set(config.ACTIVATIONS) == set(reference.ACTIVATIONS) == set(cpu.ACT_CODES) == set(cuda.ACT_CODES)

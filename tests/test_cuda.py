@@ -188,7 +188,7 @@ def test_attention_abar_stats_without_probs(ops, params, proportional, n_head, m
 def test_forward_full_with_hidden_states_and_attentions(ops, params):
     ids, mask, tt = batch(4)
     kw = dict(output_hidden_states=True, output_attentions=True)
-    got = ops.bert_forward(params, CFG, ids, mask, tt, **kw)
+    got = reference.bert_forward(params, CFG, ids, mask, tt, ops=ops, **kw)
     want = reference.bert_forward(params, CFG, ids, mask, tt, **kw)
     close(got["last_hidden_state"], want["last_hidden_state"])
     for g, w in zip(got["hidden_states"] + got["attentions"], want["hidden_states"] + want["attentions"]):
@@ -223,7 +223,7 @@ def test_forward_fca_matches_reference(ops, params, fca, monkeypatch):
     ids, mask, tt = batch(5)
     keys = sequence_keys(ids, mask)
     host_calls, device_calls = spy(monkeypatch, "reduce_plan"), spy(monkeypatch, "device_plan")
-    got = ops.bert_forward(params, CFG, ids, mask, tt, fca=fca, keys=keys, trace=True)
+    got = reference.bert_forward(params, CFG, ids, mask, tt, ops=ops, fca=fca, keys=keys, trace=True)
     assert host_calls == [layer for layer in range(CFG.num_hidden_layers) if fca.active(layer)] and not device_calls
     want = reference.bert_forward(params, CFG, ids, mask, tt, fca=fca, keys=keys, trace=True)
     assert np.array_equal(got["mask"], want["mask"]) and got["mask"].shape[1] < ids.shape[1]
@@ -302,7 +302,7 @@ def test_forward_fca_on_device_matches_reference(small, score, aggregate, monkey
     plain_copy = array_type.copy_to_host
     monkeypatch.setattr(array_type, "copy_to_host", lambda self, *a, **kw: copies.append(self.shape) or
                         plain_copy(self, *a, **kw))
-    got = ops.bert_forward(params, CFG2, ids, mask, tt, fca=fca, keys=keys)
+    got = reference.bert_forward(params, CFG2, ids, mask, tt, ops=ops, fca=fca, keys=keys)
     monkeypatch.undo()
     assert host_calls == [] and device_calls == [0, 1]
     assert len(copies) == 2, copies                                      # last_hidden_state and sizes
@@ -326,7 +326,7 @@ def test_forward_fca_layer_allocates_no_probs(small, score, attentions, monkeypa
     ids, mask, tt = small_batch()
     fca, keys = FCAConfig(keep=0.5, score=score, start_layer=1, seed=2), sequence_keys(ids, mask)
     seen = launches(monkeypatch, ops)
-    got = ops.bert_forward(params, CFG2, ids, mask, tt, fca=fca, keys=keys, output_attentions=attentions)
+    got = reference.bert_forward(params, CFG2, ids, mask, tt, ops=ops, fca=fca, keys=keys, output_attentions=attentions)
     attn = [name for name, _ in seen if "attention" in name or name == "head_mean"]
     if attentions:
         assert attn == ["attention", "attention", "head_mean"]
@@ -349,11 +349,28 @@ def test_forward_other_rules_decide_on_the_host(small, fca, monkeypatch):
     ids, mask, tt = small_batch()
     keys = sequence_keys(ids, mask)
     host_calls, device_calls = spy(monkeypatch, "reduce_plan"), spy(monkeypatch, "device_plan")
-    got = ops.bert_forward(params, CFG2, ids, mask, tt, fca=fca, keys=keys)
+    got = reference.bert_forward(params, CFG2, ids, mask, tt, ops=ops, fca=fca, keys=keys)
     assert host_calls == [0, 1] and device_calls == []
     want = reference.bert_forward(params, CFG2, ids, mask, tt, fca=fca, keys=keys)
     assert np.array_equal(got["mask"], want["mask"]) and got["mask"].shape[1] < ids.shape[1]
     close(got["sizes"], want["sizes"])
+    close(got["last_hidden_state"], want["last_hidden_state"])
+
+
+def test_a_rule_registered_in_one_place_is_decided_on_the_device(small, new_rules, monkeypatch):
+    """`new_rules` registers a score and an aggregate with batched facts, and nothing else: their layers are
+    decided on the device (device_plan, no reduce_plan), with the per-sequence reference loop's units."""
+    from minifca.fca import sequence_keys
+    ops, params = small
+    ids, mask, tt = small_batch()
+    score, aggregate = new_rules
+    fca, keys = FCAConfig(keep=[5, 3], score=score, aggregate=aggregate, clusters=2), sequence_keys(ids, mask)
+    host_calls, device_calls = spy(monkeypatch, "reduce_plan"), spy(monkeypatch, "device_plan")
+    got = reference.bert_forward(params, CFG2, ids, mask, tt, ops=ops, fca=fca, keys=keys)
+    assert host_calls == [] and device_calls == [0, 1]
+    want = reference.bert_forward(params, CFG2, ids, mask, tt, fca=fca, keys=keys, trace=True)  # one sequence at a time
+    assert np.array_equal(got["mask"], want["mask"]) and got["mask"].shape[1] < ids.shape[1]
+    assert np.array_equal(got["sizes"], want["sizes"])
     close(got["last_hidden_state"], want["last_hidden_state"])
 
 

@@ -207,3 +207,26 @@ def test_fast_path_is_taken_only_when_eligible(models, monkeypatch):
         model.forward(ids, fca=cfg)
         assert calls == [], cfg
     assert not F.batchable(F.FCAConfig(keep=0.5))
+
+
+def test_a_rule_registered_in_one_place_takes_the_fast_paths(models, new_rules, monkeypatch):
+    """`new_rules` registers a score and an aggregate with batched facts, and nothing else: the numba
+    backend decides their layers batched, by its compiled reduction, with the per-sequence loop's units;
+    ablate's grid hands the multi-unit one its clusters."""
+    from minifca import ablate
+    from minifca.kernels import cpu
+    score, aggregate = new_rules
+    cfg = F.FCAConfig(keep=0.5, score=score, aggregate=aggregate, clusters=2)
+    assert F.batchable(cfg)
+    fast, compiled, original = count_fast_calls(monkeypatch), [], cpu.reduce_batch
+    monkeypatch.setattr(cpu, "reduce_batch", lambda *a: compiled.append(a[-1]) or original(*a))
+    ids = np.arange(2, 26).reshape(2, 12) % 64
+    got = models["numba"].forward(ids, fca=cfg)
+    assert fast == list(range(LAYERS)) and compiled == [aggregate] * LAYERS
+    want = models["numpy"].forward(ids, fca=cfg, trace=True)             # the reference loop, one sequence at a time
+    assert np.array_equal(got.mask, want.mask) and got.mask.shape[1] < ids.shape[1]
+    np.testing.assert_array_equal(got.sizes, want.sizes)
+    assert np.abs(got.last_hidden_state - want.last_hidden_state).max() <= model_bound(want.last_hidden_state,
+                                                                                      models["numpy"].config)
+    (label, _, row), = ablate.grid(LAYERS, [score], [aggregate], [0.5], clusters=3)
+    assert row.clusters == 3 and label.endswith("-3")

@@ -228,7 +228,7 @@ def test_numba_is_deterministic(sst2_models):
 def test_bert_forward_defaults_to_numba_ops(random_models):
     ref_model, model = random_models
     ids = np.arange(10)[None] + 3
-    r = C.bert_forward(model.params, model.config, ids, np.ones_like(ids), np.zeros_like(ids))
+    r = R.bert_forward(model.params, model.config, ids, np.ones_like(ids), np.zeros_like(ids), ops=C)
     ref = ref_model.forward(ids)
     assert within_model(r["last_hidden_state"], ref.last_hidden_state, model.config)
 

@@ -40,7 +40,6 @@ product and starve the Numba loops; `_process.py` shortens that (OPENBLAS_THREAD
 from __future__ import annotations
 
 import math
-import sys
 
 import numba as nb
 import numpy as np
@@ -50,9 +49,11 @@ from numba.extending import intrinsic
 
 from .. import fca, reference
 from ..errors import ConfigError
+from . import aggregate_code
 
 F32 = np.float32
-ACT_CODES = {"gelu": 0, "gelu_new": 1, "gelu_pytorch_tanh": 1, "gelu_fast": 1, "relu": 2, "silu": 3, "swish": 3}
+_ACT_KERNELS = {reference.gelu: 0, reference.gelu_new: 1, reference.relu: 2, reference.silu: 3}  # _bias_act_rows' codes
+ACT_CODES = {name: _ACT_KERNELS[fn] for name, fn in reference.ACTIVATIONS.items()}
 _jit = dict(cache=True, nogil=True, error_model="numpy")  # x / 0 gives inf or NaN, as NumPy's: no ZeroDivisionError
 _SUMS = {"reassoc"}  # LayerNorm's float64 sums may be reassociated, so they vectorise (see _ln_row)
 
@@ -347,15 +348,12 @@ def _stats_from_abar(abar, valid, received, cls, entropy):
 
 # ---------------------------------------------------------------- FCA: selection and aggregation
 
-AGGREGATE_CODES = {"drop": 0, "mean": 1, "weighted": 2, "clusters": 3}
-
-
 @nb.njit(parallel=True, **_jit)
 def _reduce_rows(s, x, sizes, valid, k, c, active, agg, new_x, new_sizes):
     """fca.reduce_batch, one sequence per iteration: rank, copy the fine units, weigh and sum the rest.
 
     s [B, n] float64, x [B, n, H], sizes [B, n], valid [B, n] bool, k/c [B] int64, active [B] bool,
-    agg an AGGREGATE_CODES value; new_x [B, N, H] and new_sizes [B, N] zeroed by the caller.
+    agg the rule's `kernels.aggregate_code`; new_x [B, N, H] and new_sizes [B, N] zeroed by the caller.
     """
     B, n, H = x.shape
     for b_ in nb.prange(B):
@@ -429,7 +427,7 @@ def reduce_batch(s, x, sizes, valid, k, c, active, aggregate):
     new_sizes = np.zeros((B, N), sizes.dtype)
     _reduce_rows(np.ascontiguousarray(s, np.float64), np.ascontiguousarray(x), np.ascontiguousarray(sizes),
                  np.ascontiguousarray(valid, np.bool_), np.asarray(k, np.int64), np.asarray(c, np.int64),
-                 np.asarray(active, np.bool_), AGGREGATE_CODES[aggregate], new_x, new_sizes)
+                 np.asarray(active, np.bool_), aggregate_code(aggregate), new_x, new_sizes)
     return new_x, new_sizes
 
 
@@ -527,6 +525,9 @@ def attention(x, mask, log_size, q, k, v, o, n_head, want_probs=True, want_stats
     return out, probs if want_probs else None, stats, K
 
 
-def bert_forward(params, cfg, ids, mask, tt, fca=None, ops=None, **kw):
-    """reference.bert_forward (the one orchestration, FCA included) running this module's kernels."""
-    return reference.bert_forward(params, cfg, ids, mask, tt, fca=fca, ops=ops or sys.modules[__name__], **kw)
+def reduce(state, layer, cfg, x, mask, sizes, stats, keys):
+    """reference.reduce, its batched layers by this module's compiled `reduce_batch`."""
+    return state.reduce(layer, cfg, x, mask, sizes, stats, keys, reduce_batch)
+
+
+log_size, resident_params, to_host = reference.log_size, reference.resident_params, reference.to_host  # host arrays

@@ -1,10 +1,11 @@
-"""backend="cuda": the reference forward (and FCA) as numba.cuda kernels, the batch kept on the GPU.
+"""backend="cuda": the reference's compute functions (and FCA) as numba.cuda kernels, the batch kept on the GPU.
 
-Each kernel stands for a reference function (`minifca.reference`, `minifca.fca`), and `CudaOps`
-offers the same names (`embeddings`, `attention`, `attention_stats`, `add_layer_norm`, `ffn`,
-`linear`, `reduce_batch`, `bert_forward`) on host arrays, so each one is tested against the
-reference. Its own `bert_forward` uploads the weights once per model and keeps the batch on the
-device between layers; only the outputs come back.
+`CudaOps` provides the ops contract (kernels/__init__.py) that `reference.bert_forward`, the one layer
+loop, runs on: on host arrays each op gives host arrays back, so each is tested against the reference;
+on the device arrays of `resident_params` (the weights, uploaded once per model) and of its own
+outputs it gives device arrays back, so a forward keeps the batch on the device between layers and
+copies back only what the loop hands `to_host`. Each kernel stands for a reference function
+(`minifca.reference`, `minifca.fca`):
 
     kernel            reference                       one block per
     matmul_bias_act   linear (+ activation of ffn)    BM x BN output tile, shared-memory tiles of A and W
@@ -28,16 +29,18 @@ masked logits plus the optional log-size bias, softmax, p V), so the attention i
 At an FCA layer the statistics come from `attention_abar` + `stats`; only when the probabilities
 are wanted too does `attention` write them and `head_mean` average them for `stats`.
 
-FCA with the built-in per-unit rules (`fca.batchable`: attention_received, cls_attention,
-attention_entropy, hidden_norm x drop, mean, weighted, clusters) runs on the device: the host
-only counts, from the mask, how many units each sequence keeps and makes (`fca.batch_plan`, in
-`device_plan`), and `fca_select` + `merge` pick, weigh and gather the units from the scores
-the GPU computed; the statistics, hidden states and sizes are not copied back (the sizes once,
-at the end). The other rules (random, similarity, user-registered ones) and trace=True take
-their decisions on the host, by the reference's own `FCAState.reduce` on the statistics copied
-back (`reduce_plan`), and `merge` gathers. numba.cuda is imported only when this module is, and
-only `model.py` (backend="cuda") and the CUDA tests import it. Under Numba's simulator
-(NUMBA_ENABLE_CUDASIM=1) the same kernels run with small tiles.
+FCA with rules registered as batched (`fca.batchable`: the built-in attention_received, cls_attention,
+attention_entropy, hidden_norm x drop, mean, weighted, clusters, and any rule registered with
+batched=True) runs on the device (`CudaOps.reduce`): the host only counts, from the mask, how many
+units each sequence keeps and makes (`fca.batch_plan`, in `device_plan`), and `fca_select` + `merge`
+pick, weigh and gather the units from the scores (a rule's registered `stat`, read where the GPU
+computed it; a rule without one is scored on the host); the statistics, hidden states and sizes are
+not copied back (the sizes once, at the end). The other rules (random, similarity, user-registered
+ones) and trace=True take their decisions on the host, by the reference's own `FCAState.reduce` on
+the statistics (and what the rules read) copied back (`reduce_plan`), and `merge` gathers.
+
+numba.cuda is imported on first use (`load_cuda`, `kernels`), not with this module. Under Numba's
+simulator (NUMBA_ENABLE_CUDASIM=1) the same kernels run with small tiles.
 """
 from __future__ import annotations
 
@@ -48,14 +51,12 @@ from types import SimpleNamespace
 import numpy as np
 
 from .. import fca as fca_mod
+from .. import reference
 from ..errors import BackendError
+from . import aggregate_code
 
-ACT_CODES = {None: 0, "gelu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "gelu_fast": 2, "relu": 3,
-             "silu": 4, "swish": 4}
-# score rules that read only the attention statistics (and rules that ignore the keys): the
-# hidden states / keys then stay on the device; any other (e.g. user-registered) rule gets them.
-STATS_ONLY_SCORES = {"attention_received", "cls_attention", "attention_entropy", "random"}
-KEYLESS_AGGREGATES = {"drop", "mean", "weighted", "clusters"}
+_ACT_KERNELS = {reference.gelu: 1, reference.gelu_new: 2, reference.relu: 3, reference.silu: 4}  # `activate`'s codes
+ACT_CODES = {name: _ACT_KERNELS[fn] for name, fn in reference.ACTIVATIONS.items()}  # 0: no activation
 cuda = None  # numba.cuda, bound by `kernels()` on first use
 
 
@@ -573,35 +574,57 @@ def _f32(a):
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
+def _resident(a):
+    """Is `a` a device array (an activation the forward keeps on the GPU)?"""
+    return hasattr(a, "copy_to_host")
+
+
 def upload_params(cuda, params):
-    """The parameter dict as device arrays, Q/K/V fused into one [3H, H] projection."""
-    up = lambda a: cuda.to_device(_f32(a))
-    lin = lambda p: SimpleNamespace(w=up(p["w"]), b=up(p["b"]))
-    ln = lambda p: SimpleNamespace(g=up(p["g"]), b=up(p["b"]))
+    """The parameter dict as device arrays, with the same keys (`reference.bert_forward` unpacks it as it
+    does the host one). Each layer's Q/K/V are uploaded as one fused [3H, H] projection, and q, k, v are
+    views of it; returns (the dict, {id of a layer's q weight view: its fused projection})."""
+    up = lambda a: cuda.to_device(_f32(a))  # noqa: E731
+    lin = lambda p: {"w": up(p["w"]), "b": up(p["b"])}  # noqa: E731
+    ln = lambda p: {"g": up(p["g"]), "b": up(p["b"])}  # noqa: E731
     e = params["embeddings"]
-    layers = []
+    layers, fused = [], {}
     for p in params["layers"]:
         a = p["attn"]
-        qkv = {"w": np.concatenate([a[k]["w"] for k in "qkv"]), "b": np.concatenate([a[k]["b"] for k in "qkv"])}
-        layers.append(SimpleNamespace(qkv=lin(qkv), o=lin(a["o"]), attn_ln=ln(p["attn_ln"]),
-                                      i=lin(p["ffn"]["i"]), fo=lin(p["ffn"]["o"]), ffn_ln=ln(p["ffn_ln"])))
-    return SimpleNamespace(word=up(e["word"]), position=up(e["position"]), token_type=up(e["token_type"]),
-                           ln=ln(e["ln"]), layers=layers)
+        H = a["q"]["w"].shape[0]
+        qkv = SimpleNamespace(w=up(np.concatenate([a[k]["w"] for k in "qkv"])),
+                              b=up(np.concatenate([a[k]["b"] for k in "qkv"])))  # [3H, H], [3H]
+        attn = {name: {"w": qkv.w[j * H:(j + 1) * H], "b": qkv.b[j * H:(j + 1) * H]} for j, name in enumerate("qkv")}
+        attn["o"] = lin(a["o"])
+        fused[id(attn["q"]["w"])] = qkv
+        layers.append({"attn": attn, "attn_ln": ln(p["attn_ln"]), "ffn": {"i": lin(p["ffn"]["i"]), "o": lin(p["ffn"]["o"])},
+                       "ffn_ln": ln(p["ffn_ln"])})
+    return {"embeddings": {"word": up(e["word"]), "position": up(e["position"]), "token_type": up(e["token_type"]),
+                           "ln": ln(e["ln"])}, "layers": layers}, fused
 
 
 # ---------------------------------------------------------------- the ops object
 
 
 class CudaOps:
-    """The reference's compute functions on the GPU (host arrays in, host arrays out), and a
-    `bert_forward` that keeps the batch on the device. Build one per model with `ops_for`."""
+    """The ops contract (kernels/__init__.py) on the GPU: `reference.bert_forward(..., ops=CudaOps(params))`.
+
+    Each op takes host arrays and gives host arrays back (so each is tested against the reference), or
+    takes the device arrays of `resident_params` and of its own outputs and gives device arrays back: a
+    forward keeps the batch on the device between layers, the weights are uploaded once per model, and
+    only what the loop hands `to_host` (the outputs) is copied back. FCA with the rules registered as
+    batched and no trace is decided on the device (`reduce`): the host only counts (`device_plan`).
+    Build one per model with `ops_for`.
+    """
 
     def __init__(self, params=None, tiles=DEFAULT_TILES):
         self.k = kernels(simulated(), tiles)
         self.cuda = self.k.cuda
         self.params = params
-        self.dev = upload_params(self.cuda, params) if params is not None else None
+        self.dev, self._qkv = upload_params(self.cuda, params) if params is not None else (None, {})
         self._ws = {}
+        self._mask = (None, None)          # the last host mask uploaded by a forward, and its device copy
+        self._log_size = (None, None)      # the sizes the last device reduction made, and their logs
+        self._x = 0                        # which workspace buffer (x0 or x1) holds the forward's hidden states
 
     # ------------------------------------------------------------ device-level steps
     def _buf(self, name, shape, dtype=np.float32):
@@ -635,7 +658,7 @@ class CudaOps:
 
     def _attention(self, x, mask, log_size, qkv_lin, o_lin, n_head, want_probs, want_stats):
         """x [B*n, H] (device), mask/log_size [B, n] (host or device) -> out [B*n, H], probs, stats, qkv (device)."""
-        k, cuda = self.k, self.cuda
+        k = self.k
         B, n = mask.shape
         H = x.shape[1]
         d = H // n_head
@@ -706,6 +729,39 @@ class CudaOps:
     def _dev(self, a):                                                  # a device array as it is, else uploaded
         return a if hasattr(a, "copy_to_host") else self._up(a)
 
+    def _mask_dev(self, mask):                                          # a forward's mask, uploaded once
+        if self._mask[0] is not mask:
+            self._mask = (mask, self._up(mask))
+        return self._mask[1]
+
+    def _scores(self, score, stats, x, B, n):                           # -> [B, n] on the device
+        """A batched rule's scores: the statistic it returns as it is, where the GPU computed it (the
+        `stats` or `fca_norms` kernel), else the rule itself on the host, from what it reads."""
+        facts = fca_mod.score_facts(score)
+        if facts.stat in fca_mod.ATTENTION_STATS:
+            return stats[facts.stat]                                    # float32
+        if facts.stat == "hidden_norm":
+            return self._hidden_norms(x, B, n)                          # float64
+        xh = x.copy_to_host().reshape(B, n, -1) if facts.hidden else None
+        sh = None if stats is None else {name: v.copy_to_host() for name, v in stats.items()}
+        return self.cuda.to_device(np.asarray(fca_mod.SCORES[score](sh, xh, None, None), np.float64))
+
+    # ------------------------------------------------------------ the ops contract
+    def resident_params(self, params):
+        if params is not self.params:  # another parameter dict: upload it once and keep it
+            self.params = params
+            self.dev, self._qkv = upload_params(self.cuda, params)
+        return self.dev
+
+    def to_host(self, a):
+        return a.copy_to_host() if _resident(a) else a
+
+    def log_size(self, sizes):
+        if not _resident(sizes):
+            return reference.log_size(sizes)
+        made, logs = self._log_size
+        return logs if made is sizes else reference.log_size(sizes.copy_to_host())
+
     def linear(self, x, w, b):
         x = _f32(x)
         out = self._linear(self._up(x.reshape(-1, x.shape[-1])), self._up(w), self._up(b))
@@ -713,13 +769,23 @@ class CudaOps:
 
     def embeddings(self, ids, tt, word, position, token_type, ln, eps):
         B, L = np.shape(ids)
-        out = self._buf("emb", (B * L, word.shape[1]))
+        H = word.shape[1]
+        if _resident(word):                                             # a forward: into its x0 buffer
+            self._x = 0
+            x = self._embed(ids, tt, word, position, token_type, ln["g"], ln["b"], eps, self._buf("x0", (B * L, H)))
+            return x.reshape(B, L, H)
+        out = self._buf("emb", (B * L, H))
         out = self._embed(ids, tt, self._up(word), self._up(position), self._up(token_type),
                           self._up(ln["g"]), self._up(ln["b"]), eps, out)
         return out.copy_to_host().reshape(B, L, -1)
 
     def attention(self, x, mask, log_size, q, k, v, o, n_head, want_probs=True, want_stats=False):
         B, n, H = x.shape
+        if _resident(x):                                                # the keys stay in the fused QKV output
+            out, probs, st, qkv = self._attention(x.reshape(B * n, H), self._mask_dev(mask), log_size,
+                                                  self._qkv[id(q["w"])], SimpleNamespace(**o), n_head,
+                                                  want_probs, want_stats)
+            return out.reshape(B, n, H), probs if want_probs else None, st, qkv
         qkv_lin = SimpleNamespace(w=self._up(np.concatenate([q["w"], k["w"], v["w"]])),
                                   b=self._up(np.concatenate([q["b"], k["b"], v["b"]])))
         o_lin = SimpleNamespace(w=self._up(o["w"]), b=self._up(o["b"]))
@@ -733,6 +799,53 @@ class CudaOps:
         st = self._stats(self._head_mean(self._up(probs)), self._up(mask))
         return {name: a.copy_to_host() for name, a in st.items()}
 
+    def add_layer_norm(self, x, residual, g, b, eps):
+        shape = x.shape
+        if _resident(x):                                                # in place, over the residual
+            B, n, H = shape
+            r = residual.reshape(B * n, H)
+            return self._add_ln(x.reshape(B * n, H), r, g, b, eps, r).reshape(B, n, H)
+        x2 = self._up(x).reshape(-1, shape[-1])
+        out = self._add_ln(x2, self._up(residual).reshape(-1, shape[-1]), self._up(g), self._up(b), eps,
+                           self._buf("ln", x2.shape))
+        return out.copy_to_host().reshape(shape)
+
+    def ffn(self, x, i, o, act):
+        shape = x.shape
+        if _resident(x):
+            B, n, H = shape
+            h = self._linear(x.reshape(B * n, H), i["w"], i["b"], ACT_CODES[act], name="inter")  # [B*n, I]
+            return self._linear(h, o["w"], o["b"], name="ffn_out").reshape(B, n, H)           # [B*n, H]
+        h = self._linear(self._up(x).reshape(-1, shape[-1]), self._up(i["w"]), self._up(i["b"]), ACT_CODES[act],
+                         name="inter")
+        return self._linear(h, self._up(o["w"]), self._up(o["b"])).copy_to_host().reshape(shape)
+
+    def reduce(self, state, layer, cfg, x, mask, sizes, stats, keys):
+        """reference.reduce on the device: the rules registered as batched (no trace) decide there, the host
+        only counting (`device_plan`); the others decide on the host (`reduce_plan`, from the statistics and
+        what the rules read, copied back) and the `merge` kernel gathers. Host arrays: the reference's."""
+        if not _resident(x):
+            return state.reduce(layer, cfg, x, mask, sizes, stats, keys, self.reduce_batch)
+        B, n, H = x.shape
+        x2 = x.reshape(B * n, H)
+        self._x = 1 - self._x                                           # merge into the other buffer
+        if state.batched(cfg):
+            plan = device_plan(state, layer, cfg, mask)                 # counts only: no scores needed
+            N = plan.mask.shape[1]
+            new_sizes, logs = self._buf(f"sizes{self._x}", (B, N)), self._buf("log_size", (B, N))
+            new_x = self._fca_reduce(x2, self._scores(cfg.score, stats, x2, B, n), self._mask_dev(mask),
+                                     self._dev(sizes), plan, aggregate_code(cfg.aggregate),
+                                     self._buf(f"x{self._x}", (B * N, H)), new_sizes, logs)  # [B*N, H]
+            self._log_size = (new_sizes, logs)
+            return new_x.reshape(B, N, H), plan.mask, new_sizes
+        xh = x.copy_to_host() if fca_mod.score_facts(cfg.score).hidden else None
+        kh = keys.copy_to_host()[:, H:2 * H].reshape(B, n, H) if not fca_mod.aggregate_facts(cfg.aggregate).batched \
+            else None                                                   # batched aggregates read no keys
+        stats = None if stats is None else {name: v.copy_to_host() for name, v in stats.items()}
+        row_ptr, src, w, mask, sizes = reduce_plan(state, layer, cfg, mask, self.to_host(sizes), stats, xh, kh)
+        new_x = self._merge(x2, row_ptr, src, w, self._buf(f"x{self._x}", (B * mask.shape[1], H)))  # [B*n', H]
+        return new_x.reshape(B, mask.shape[1], H), mask, sizes
+
     def reduce_batch(self, s, x, sizes, valid, k, c, active, aggregate):
         """fca.reduce_batch by the `fca_select` and `merge` kernels: same arguments, same host arrays back.
 
@@ -745,7 +858,7 @@ class CudaOps:
         plan = SimpleNamespace(k=k, c=c, active=active)
         new_x, new_sizes, log_sizes = (self._buf("rb_x", (B * N, H)), self._buf("rb_sizes", (B, N)),
                                        self._buf("rb_log_sizes", (B, N)))
-        agg = {"drop": 0, "mean": 1}.get(aggregate, 2)
+        agg = aggregate_code(aggregate)
         self._fca_reduce(self._up(np.reshape(x, (B * n, H))), self.cuda.to_device(np.asarray(s, np.float64)),
                          self._up(valid), self._up(sizes), plan, agg, new_x, new_sizes, log_sizes)
         if not B * N:
@@ -753,103 +866,9 @@ class CudaOps:
         return (new_x.copy_to_host().reshape(B, N, H).astype(x.dtype, copy=False),
                 new_sizes.copy_to_host().astype(sizes.dtype, copy=False))
 
-    def add_layer_norm(self, x, residual, g, b, eps):
-        shape = x.shape
-        x2 = self._up(x).reshape(-1, shape[-1])
-        out = self._add_ln(x2, self._up(residual).reshape(-1, shape[-1]), self._up(g), self._up(b), eps,
-                           self._buf("ln", x2.shape))
-        return out.copy_to_host().reshape(shape)
-
-    def ffn(self, x, i, o, act):
-        shape = x.shape
-        h = self._linear(self._up(x).reshape(-1, shape[-1]), self._up(i["w"]), self._up(i["b"]), ACT_CODES[act],
-                         name="inter")
-        return self._linear(h, self._up(o["w"]), self._up(o["b"])).copy_to_host().reshape(shape)
-
-    # ------------------------------------------------------------ the forward pass
-    def device_params(self, params):
-        if params is not self.params:  # another parameter dict: upload it once and keep it
-            self.params, self.dev = params, upload_params(self.cuda, params)
-        return self.dev
-
-    def bert_forward(self, params, cfg, ids, mask, tt, fca=None, ops=None, keys=None,
-                     output_hidden_states=False, output_attentions=False, trace=False):
-        """reference.bert_forward on the GPU: same arguments, same dict of host arrays.
-
-        FCA with the built-in per-unit rules (`fca.batchable`) and no trace runs on the device: the
-        host only counts (`device_plan`, from the mask), and scores, selection, weights, hidden
-        states and sizes stay on the GPU. Any other rule, or trace=True, decides on the host
-        (`reduce_plan`, from the statistics copied back).
-        """
-        P = self.device_params(params)
-        eps, n_head, act = cfg.layer_norm_eps, cfg.num_attention_heads, ACT_CODES[cfg.hidden_act]
-        ids = np.asarray(ids)
-        B, L = ids.shape
-        H = P.word.shape[1]
-        mask = (np.asarray(mask) > 0).astype(np.float32)                # [B, L]
-        mask_d = self.cuda.to_device(mask)                               # re-sent when FCA shortens it
-        cur = 0                                                          # hidden states live in x0 or x1
-        x = self._embed(ids, tt, P.word, P.position, P.token_type, P.ln.g, P.ln.b, eps, self._buf("x0", (B * L, H)))
-        sizes = mask.copy()                                              # [B, n], on the device after a device reduction
-        log_size_d = None                                                # and then its log too, for the next attention
-        on_device = fca is not None and fca_mod.batchable(fca) and not trace
-        if on_device:
-            score_stat = DEVICE_SCORES[fca_mod.SCORES[fca.score]]        # a statistic's name, or None: hidden_norm
-            agg = DEVICE_AGGREGATES[fca_mod.AGGREGATES[fca.aggregate]]
-        state = fca_mod.FCAState.start(mask, keys, trace) if fca is not None else None
-        host = lambda t: t.copy_to_host().reshape(B, -1, H)
-        hidden, attns = [host(x)] if output_hidden_states else None, [] if output_attentions else None
-        for layer, p in enumerate(P.layers):
-            reduce = fca is not None and fca.active(layer)
-            log_size = None
-            if fca is not None and fca.proportional_attention:
-                log_size = log_size_d if log_size_d is not None else np.log(np.maximum(sizes, 1e-30))
-            want_stats = reduce and not (on_device and score_stat is None)
-            a, probs, st, qkv = self._attention(x, mask_d, log_size, p.qkv, p.o, n_head, attns is not None, want_stats)
-            x = self._add_ln(a, x, p.attn_ln.g, p.attn_ln.b, eps, x)  # [B*n, H], in place
-            if attns is not None:
-                attns.append(probs.copy_to_host())
-            if reduce:
-                n = mask.shape[1]
-                cur = 1 - cur                                               # merge into the other buffer
-                if on_device:
-                    plan = device_plan(state, layer, fca, mask)             # counts only: no scores needed
-                    s = st[score_stat] if score_stat is not None else self._hidden_norms(x, B, n)  # [B, n]
-                    mask = plan.mask                                        # [B, N]
-                    N = mask.shape[1]
-                    new_sizes, log_size_d = self._buf(f"sizes{cur}", (B, N)), self._buf("log_size", (B, N))
-                    x = self._fca_reduce(x, s, mask_d, self._dev(sizes), plan, agg, self._buf(f"x{cur}", (B * N, H)),
-                                         new_sizes, log_size_d)             # [B*N, H]
-                    sizes = new_sizes
-                else:
-                    xh = x.copy_to_host().reshape(B, n, H) if fca.score not in STATS_ONLY_SCORES else None
-                    kh = qkv.copy_to_host()[:, H:2 * H].reshape(B, n, H) if fca.aggregate not in KEYLESS_AGGREGATES else None
-                    stats = {name: v.copy_to_host() for name, v in st.items()}
-                    row_ptr, src, w, mask, sizes = reduce_plan(state, layer, fca, mask, sizes, stats, xh, kh)
-                    x = self._merge(x, row_ptr, src, w, self._buf(f"x{cur}", (B * mask.shape[1], H)))  # [B*n', H]
-                mask_d = self.cuda.to_device(mask)
-            elif state is not None:
-                state.record(layer, mask)
-            h = self._linear(x, p.i.w, p.i.b, act, name="inter")         # [B*n, I]
-            f = self._linear(h, p.fo.w, p.fo.b, name="ffn_out")          # [B*n, H]
-            x = self._add_ln(f, x, p.ffn_ln.g, p.ffn_ln.b, eps, x)       # in place
-            if hidden is not None:
-                hidden.append(host(x))
-        sizes = sizes if isinstance(sizes, np.ndarray) else sizes.copy_to_host()  # the one copy back of the sizes
-        return {"last_hidden_state": host(x), "mask": mask, "sizes": sizes,
-                "hidden_states": hidden, "attentions": attns, "units": None if state is None else state.units,
-                "trace": None if state is None else state.trace}
 
 
 # ---------------------------------------------------------------- FCA: what the host decides
-
-
-# the built-in per-unit rules (fca.batchable) as the device path reads them: a score is a statistic
-# of the `stats` kernel (by name) or, for hidden_norm (None), the `fca_norms` kernel; an aggregate
-# is fca_select's code (0 drop, 1 size-weighted mean, 2 softmax of the scores in each group)
-DEVICE_SCORES = {fca_mod.attention_received: "received", fca_mod.cls_attention: "cls",
-                 fca_mod.attention_entropy: "entropy", fca_mod.hidden_norm: None}
-DEVICE_AGGREGATES = {fca_mod.drop: 0, fca_mod.mean: 1, fca_mod.weighted: 2, fca_mod.clusters: 2}
 
 
 def device_plan(state, layer, cfg, mask):
@@ -883,7 +902,7 @@ def reduce_plan(state, layer, cfg, mask, sizes, stats, x=None, keys=None):
         for b in range(B):
             valid = np.flatnonzero(mask[b] > 0)
             rng = np.random.default_rng([cfg.seed, layer, int(state.keys[b]) & 0xFFFFFFFF])  # as FCAState.reduce
-            st = {name: v[b, valid] for name, v in stats.items()}
+            st = {name: v[b, valid] for name, v in (stats or {}).items()}
             fine, rest, groups, w = fca_mod.reduce_sequence(cfg, layer, x[b, valid], sizes[b, valid], st,
                                                             keys[b, valid], rng, int(state.n_tokens[b]))
             eye = np.eye(n)[valid]                                       # [n_valid, n]
