@@ -179,7 +179,8 @@ def connect(spec: str, dashboard=False) -> DaskRunner:
         raise ClusterError(f"--cluster {spec}: write local:N with N >= 1 worker processes (e.g. local:2)")
     if m is not None:
         cluster = LocalCluster(n_workers=int(m.group(1)), threads_per_worker=WORKER_THREADS, processes=True,
-                               env=WORKER_ENV, dashboard_address=":0" if dashboard else None)
+                               env=WORKER_ENV, dashboard_address=":0" if dashboard else None,
+                               scheduler_kwargs={"dashboard": dashboard})
         try:
             return DaskRunner(Client(cluster), cluster)
         except BaseException:
