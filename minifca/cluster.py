@@ -142,10 +142,15 @@ class DaskRunner(Serial):
         return self.client.submit(_same, obj, pure=False, key=f"minifca-data-{uuid.uuid4().hex}")
 
     def map(self, fn, model, tasks):
-        from distributed import as_completed
+        """Submits every task now (so that a job can submit its next tasks before it collects these) and
+        returns the generator of their results as they finish."""
         ref, job = ModelRef.of(model), uuid.uuid4().hex[:8]
         futures = [self.client.submit(_on_worker, fn, ref, *args, pure=False, key=f"{fn.__name__}-{job}-{i}")
                    for i, args in enumerate(tasks)]
+        return self._as_completed(futures)
+
+    def _as_completed(self, futures):
+        from distributed import as_completed
         index = {f.key: i for i, f in enumerate(futures)}
         try:
             for fut in as_completed(futures):

@@ -6,10 +6,10 @@
     open_writer(out, n, dim)      by out's suffix: .npy [N, H] float32; .parquet (columns text, embedding);
                                   .jsonl ({"text": ..., "embedding": [...]} per line). Written as a .partial file
                                   and renamed when complete, so an interrupted run leaves no half-written output
-    embed_file(model, path, out)  the two around Model.embed_batches, in windows of texts (each sorted by length
-                                  and written in input order), with one progress bar
-
-A distributed run can shard read_texts' list, call Model.embed on each shard, and write_vectors the result.
+    embed_file(model, path, out)  the two around embed_shard, in windows of texts (each sorted by length and
+                                  written in input order), with one progress bar
+    embed_shard(model, shard)     the unit of work: a shard of a window's batches -> their vectors, run here or
+                                  on a Dask cluster's worker (runner=, minifca.cluster)
 """
 from __future__ import annotations
 
@@ -206,23 +206,48 @@ def write_vectors(out, vectors, texts):
 # ---------------------------------------------------------------- the job
 
 
+def embed_shard(model, shard, fca=None, normalize=None):
+    """The unit of work of `embed_file`, here or on a cluster's worker: [(rows, Encoding)] -> [(rows, vectors [b, H])]."""
+    return [(rows, model.embed_encoding(enc, fca, normalize)) for rows, enc in shard]
+
+
 def embed_file(model, path, out, column=None, fca=None, batch_size=32, max_length=None, normalize=None,
-               threads=None, show_progress_bar=None, window=WINDOW) -> dict:
+               threads=None, show_progress_bar=None, window=WINDOW, runner=None, shard_batches=4) -> dict:
     """Embed every text of `path` into `out` (row i = text i). show_progress_bar: True, False, or None (a bar
     when stderr is a terminal). Returns what was done: texts, dim, out, seconds (the whole job, reading and
-    writing included), texts_per_second, pooling, normalized, max_length."""
+    writing included), texts_per_second, pooling, normalized, max_length.
+
+    Each window's batches go to `runner` in shards of `shard_batches` batches (cluster.Serial(), the default,
+    runs them here in order); a cluster gets the next window's shards before this window is collected, and
+    the vectors are the serial run's, written in input order by this process alone."""
+    from .cluster import Serial
     out = check_output(out)
     texts = read_texts(path, column)
+    runner = runner or Serial()
+    dim = model.config.hidden_size
     t0 = time.perf_counter()
-    with model.limit_threads(threads), open_writer(out, len(texts), model.config.hidden_size) as w, \
+
+    def submit(start):
+        """Window `start`'s texts tokenized and sorted here, its shards handed to the runner."""
+        part, ml, trunc = model.sentence_inputs(texts[start:start + window], max_length, None)
+        batches = list(model.batches(part, None, batch_size, ml, trunc))
+        shards = [runner.share(batches[i:i + shard_batches]) for i in range(0, len(batches), shard_batches)]
+        return runner.map(embed_shard, model, [(s, fca, normalize) for s in shards])
+
+    starts = list(range(0, len(texts), window))
+    with model.limit_threads(threads), open_writer(out, len(texts), dim) as w, \
             progress(len(texts), "embed", show_progress_bar) as bar:
-        for start in range(0, len(texts), window):
-            part = texts[start:start + window]
-            vecs = np.empty((len(part), model.config.hidden_size), np.float32)  # [w, H]
-            for rows, v in model.embed_batches(part, fca, batch_size, max_length, None, normalize):
-                vecs[rows] = v                                       # back in input order within the window
-                bar.update(len(rows))
-            w.write(start, vecs, part)
+        pending = submit(starts[0])
+        for k, start in enumerate(starts):
+            done, pending = pending, (submit(starts[k + 1]) if k + 1 < len(starts) and runner.workers > 1 else None)
+            vecs = np.empty((min(window, len(texts) - start), dim), np.float32)  # [w, H]
+            for _, res in done:
+                for rows, v in res:
+                    vecs[rows] = v                                   # back in input order within the window
+                    bar.update(len(rows))
+            w.write(start, vecs, texts[start:start + window])
+            if pending is None and k + 1 < len(starts):
+                pending = submit(starts[k + 1])
     seconds = time.perf_counter() - t0
     st = model.sentence
     return {"texts": len(texts), "dim": model.config.hidden_size, "out": str(out), "input": str(path),

@@ -229,13 +229,16 @@ class Model:
     def embed_batches(self, texts, fca=None, batch_size=32, max_length=None, truncation=None, normalize=None):
         """(rows, vectors [b, H] float32) per batch as it is computed, longest texts first: what `embed`
         puts back in input order (vectors[i] is the embedding of texts[rows[i]]). For streaming jobs."""
-        st = self.sentence
         texts, max_length, truncation = self.sentence_inputs(texts, max_length, truncation)
-        unit = st.normalize if normalize is None else bool(normalize)
         for rows, enc in self.batches(texts, None, batch_size, max_length, truncation):
-            out = self(enc, fca=fca)
-            v = pool(out.last_hidden_state, out.mask, out.sizes, st.pooling)  # [b, H]
-            yield rows, l2_normalize(v) if unit else v
+            yield rows, self.embed_encoding(enc, fca, normalize)
+
+    def embed_encoding(self, enc, fca=None, normalize=None) -> np.ndarray:
+        """The vectors [b, H] float32 of one tokenized batch (Encoding): pooled as the checkpoint says, unit length
+        if `normalize` (None: as the checkpoint says). What embed_batches computes per batch."""
+        out = self(enc, fca=fca)
+        v = pool(out.last_hidden_state, out.mask, out.sizes, self.sentence.pooling)  # [b, H]
+        return l2_normalize(v) if (self.sentence.normalize if normalize is None else normalize) else v
 
     def embed(self, texts, fca=None, batch_size=32, max_length=None, truncation=None, normalize=None,
               show_progress_bar=False, threads=None, *, normalize_embeddings=None, convert_to_numpy=True,

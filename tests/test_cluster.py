@@ -111,6 +111,25 @@ def test_eval_of_several_schedules_and_calibration_match_serial(model, data, loc
     assert best2["evaluations"] >= best["evaluations"]
 
 
+def test_embedding_job_on_two_workers_is_the_serial_job_bit_for_bit(data, local2, minilm_path, tmp_path, capsys):
+    from minifca.embedding import embed_file
+    corpus = tmp_path / "corpus.txt"
+    texts = data.texts + ["", "a short one", data.texts[0] * 3]      # a blank line is a text too
+    corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    m = minifca.from_pretrained(minilm_path, backend="numba")
+    kw = {"batch_size": 4, "window": 12, "shard_batches": 2}         # 3 windows of 3 batches, in 2 shards each
+    embed_file(m, corpus, tmp_path / "here.npy", **kw)
+    embed_file(m, corpus, tmp_path / "there.npy", runner=local2, **kw)
+    here, there = np.load(tmp_path / "here.npy"), np.load(tmp_path / "there.npy")
+    assert here.shape == (len(texts), m.config.hidden_size) and np.array_equal(there, here)   # every vector, every bit
+    # the command line, pointed at the scheduler: the same vectors as the command without --cluster
+    for name, extra in (("cli_here.npy", []), ("cli_there.npy", ["--cluster", local2.client.scheduler.address])):
+        assert main(["embed", str(corpus), "-o", str(tmp_path / name), "--model", str(minilm_path),
+                     "--batch-size", "4", *extra]) == 0
+    assert np.array_equal(np.load(tmp_path / "cli_there.npy"), np.load(tmp_path / "cli_here.npy"))
+    assert "worker thread(s)" in capsys.readouterr().err
+
+
 def test_a_worker_killed_mid_grid_loses_and_repeats_nothing(model, data, local2, serial_grid, tmp_path):
     wait_for_workers(local2)
     pids = local2.client.run(os.getpid)

@@ -2,15 +2,24 @@
 from __future__ import annotations
 
 from ..embedding import WRITERS, check_output, embed_file
-from .common import add_json, emit, fca_from_args, int_at_least, load_model
+from .common import (
+    add_cluster,
+    add_json,
+    emit,
+    fca_from_args,
+    int_at_least,
+    load_model,
+    runner_from_args,
+)
 
 
 def cmd_embed(args):
     out = check_output(args.out)                                     # a bad suffix fails before the model loads
     model = load_model(args)
     fca = fca_from_args(args, model.config.num_hidden_layers)
-    res = embed_file(model, args.input, out, column=args.column, fca=fca, batch_size=args.batch_size,
-                     max_length=args.max_length, normalize=args.normalize)
+    with runner_from_args(args) as runner:
+        res = embed_file(model, args.input, out, column=args.column, fca=fca, batch_size=args.batch_size,
+                         max_length=args.max_length, normalize=args.normalize, runner=runner)
     res.update(model=str(model.path), backend=model.backend, fca=None if fca is None else fca.to_dict())
     if not emit(res, args.json):
         print(f"wrote {res['texts']} embeddings [{res['texts']}, {res['dim']}] to {res['out']} in input order "
@@ -39,5 +48,6 @@ def register(subparsers, parents):
                    help="unit-length vectors (default: as the checkpoint's modules.json says; off without one)")
     g.add_argument("--no-normalize", dest="normalize", action="store_false",
                    help="the pooled vectors as they are, even where the checkpoint lists a Normalize module")
+    add_cluster(p)
     add_json(p)
     p.set_defaults(func=cmd_embed)
