@@ -38,7 +38,7 @@ def read_texts(path, column=None) -> list:
     if path.suffix == ".parquet":
         return _parquet_column(path, column)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")              # a byte-order mark (Excel, Notepad) is skipped
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     lines = text.split("\n")

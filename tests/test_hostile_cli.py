@@ -265,3 +265,14 @@ def test_process_empty_model_and_list_valued_rule(sst2_path, tmp_path):
     f.write_text(json.dumps({"keep": 0.5, "aggregate": ["weighted", "drop"]}))
     r = _minifca("run", "--model", str(sst2_path), "--fca-schedule", str(f), "text")
     assert r.returncode == 2 and b"Traceback" not in r.stderr and b"FCA aggregate must be a rule's name" in r.stderr
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".txt"])
+def test_embed_input_with_bom_and_crlf(capsys, minilm_path, tmp_path, suffix):
+    import numpy as np
+    lines = (["sentence"] if suffix == ".tsv" else []) + ["a first text", "a second one"]
+    plain = _tsv(tmp_path, "\n".join(lines) + "\n", "plain" + suffix)
+    windows = _tsv(tmp_path, ("\ufeff" + "\r\n".join(lines) + "\r\n").encode(), "windows" + suffix)
+    ok(capsys, "embed", "--model", minilm_path, plain, "-o", tmp_path / "a.npy")
+    ok(capsys, "embed", "--model", minilm_path, windows, "-o", tmp_path / "b.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))

@@ -1,13 +1,17 @@
 """Many threads, one model: every public call gives, bit for bit, what it gives when called alone."""
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 import minifca
+from conftest import ROOT
 
 TEXTS = ["a gripping, funny and moving film", "the plot is thin and the acting wooden , a long two hours",
          "not bad", "one of the best films of the year, with a score that lifts every scene it is in",
@@ -22,7 +26,7 @@ def sst2(sst2_path):
 def test_tokenizer_truncation_is_per_call(sst2):
     """4 threads tokenizing with and without max_length: none sees another's truncation setting.
 
-    With truncation switched on and off around each call on one shared tokenizer this failed 461
+    Switching truncation on and off around each call on the shared tokenizer without a lock failed 461
     of 1,200 calls (texts cut to another call's limit, or refused as too long for it).
     """
     texts = [" ".join(["word"] * 40)] * 16                           # a batch long enough to be interrupted
@@ -67,3 +71,22 @@ def test_eight_threads_every_call_equals_serial(sst2):
         got = list(pool.map(lambda c: (c[0], c[1]()), jobs))
     for name, value in got:
         np.testing.assert_array_equal(value, serial[name], err_msg=name)
+
+
+def test_threads_on_numbas_workqueue_layer(sst2_path):
+    """Where Numba has no OpenMP/TBB runtime it uses `workqueue`, which aborted the process (SIGABRT,
+    "Concurrent access has been detected") when two threads ran a forward at once: now they take turns."""
+    code = textwrap.dedent(f"""
+        import numba, minifca
+        from concurrent.futures import ThreadPoolExecutor
+        m = minifca.from_pretrained({str(sst2_path)!r}, backend="numba")
+        enc = m.tokenize(["a fine film with a long sentence in it"] * 4)
+        ref = m(enc).logits
+        with ThreadPoolExecutor(4) as pool:
+            same = all((r == ref).all() for r in pool.map(lambda i: m(enc).logits, range(24)))
+        print(numba.threading_layer(), same)
+    """)
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-800:]
+    assert r.stdout.split() == ["workqueue", "True"]

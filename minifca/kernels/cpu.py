@@ -39,7 +39,9 @@ product and starve the Numba loops; `_process.py` shortens that (OPENBLAS_THREAD
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import numba as nb
 import numpy as np
@@ -531,3 +533,26 @@ def reduce(state, layer, cfg, x, mask, sizes, stats, keys):
 
 
 log_size, resident_params, to_host = reference.log_size, reference.resident_params, reference.to_host  # host arrays
+
+
+_GUARD = None
+_GUARD_INIT = threading.Lock()
+
+
+def one_at_a_time():
+    """A lock around each forward where Numba's threading layer is `workqueue`, else nothing.
+
+    Numba picks its layer when its pool first starts: OpenMP (or TBB) where the runtime is installed,
+    else workqueue, which aborts the whole process ("Concurrent access has been detected") when two
+    Python threads run parallel=True functions at once. There, forwards from several threads take
+    turns; with OpenMP/TBB they run concurrently. The pool is started here (one tiny kernel) to learn
+    which layer it is, under a lock so two first calls cannot race.
+    """
+    global _GUARD
+    if _GUARD is None:
+        with _GUARD_INIT:
+            if _GUARD is None:
+                one = np.ones((1, 1), F32)
+                _layer_norm_rows(one, one[0], one[0], F32(1e-5), np.empty_like(one))  # starts Numba's pool
+                _GUARD = threading.Lock() if nb.threading_layer() == "workqueue" else contextlib.nullcontext()
+    return _GUARD
