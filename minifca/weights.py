@@ -122,7 +122,8 @@ def read_safetensors(path, mmap: bool = True) -> dict[str, np.ndarray]:
             with np.errstate(over="ignore"):                         # too large for float32: inf, refused below
                 arr = arr.astype(np.float32)
         elif not arr.flags.aligned:                                  # a header whose length is not a multiple
-            arr = arr.copy()                                         # of 8: the kernels want aligned arrays
+            arr = arr.copy()                                         # of 8: the kernels want aligned arrays,
+            arr.flags.writeable = False                              # read-only as the mapped ones (one Numba type)
         if arr.dtype.kind == "f":
             _check_finite(arr, name, path)
         out[name] = arr
