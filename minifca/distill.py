@@ -8,7 +8,8 @@ The student is the checkpoint running FCA; the teacher the same checkpoint witho
                                                     embeddings (or their MSE)
 
 AdamW (minifca.optim) with linear warm-up and decay, global gradient clipping, gradient accumulation,
-hidden and attention dropout; gradients from minifca.grad. The output folder is a Hugging Face
+hidden and attention dropout; gradients from minifca.grad (with the Numba activations and fused AdamW of
+minifca.kernels.cpu_grad, tested against the NumPy ones). The output folder is a Hugging Face
 checkpoint (config.json, model.safetensors with the source's tensor names, the tokenizer files) plus
 fca.json (the schedule) and training_state.safetensors (optimizer moments, step), so `resume=True`
 continues exactly where an interrupted run stopped: each step's batch and dropout masks are drawn
@@ -30,6 +31,7 @@ from .calibrate import calibrate
 from .data import Dataset, label_ids, read_file
 from .errors import ConfigError, InputError
 from .fca import FCAConfig
+from .kernels import cpu_grad
 from .model import from_pretrained
 from .optim import AdamW, clip_grad_norm, linear_warmup_decay
 from .progress import progress
@@ -205,7 +207,8 @@ def distill(model, data, out, fca=None, target_flops=None, base=None, teacher=No
 
     params = grad.trainable(start.params)
     flat = dict(grad.leaves(params))
-    opt = AdamW(flat, lr=lr, eps=1e-8, weight_decay=weight_decay, no_decay=[k for k in flat if no_decay(k)])
+    opt = AdamW(flat, lr=lr, eps=1e-8, weight_decay=weight_decay, no_decay=[k for k in flat if no_decay(k)],
+                update=cpu_grad.adamw_update)                        # fused (tested against optim.adamw_update)
     done = 0
     if resume:
         opt.load_state(state)
@@ -274,7 +277,7 @@ def train_step(params, cfg, teacher, enc, labels, fca, dropout, seed, step, micr
     t_out = teacher(enc)                                             # no FCA, no dropout
     rng = np.random.default_rng([seed, step, micro, 1])              # dropout masks from (seed, step) alone
     out, cache = grad.forward(params, cfg, enc.input_ids, enc.attention_mask, enc.token_type_ids, fca=fca,
-                              dropout=dropout, rng=rng if dropout else None)
+                              dropout=dropout, rng=rng if dropout else None, ops=cpu_grad)  # Numba activations
     d_out = {}
     if labels is not None:
         loss_ce, d_ce = grad.cross_entropy(out["logits"], labels)

@@ -23,6 +23,8 @@ Sizes and proportional attention's log sizes are counts: no gradient.
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from . import fca as fca_mod
@@ -74,6 +76,14 @@ ACTIVATION_BACKWARDS = {"gelu": gelu_backward, "gelu_new": gelu_new_backward, "g
                         "gelu_fast": gelu_new_backward, "relu": relu_backward, "silu": silu_backward,
                         "swish": silu_backward}
 
+
+def activation(x, act):
+    return ref.ACTIVATIONS[act](x)                                   # [...]
+
+
+def activation_backward(dy, x, act):
+    return ACTIVATION_BACKWARDS[act](dy, x)                          # [...]
+
 # ---------------------------------------------------------------- building blocks
 
 
@@ -81,7 +91,8 @@ def linear_backward(dy, x, w):
     """y = x @ w.T + b  ->  dx = dy @ w, dw = dy.T @ x, db = sum dy."""
     dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])  # [rows, out], [rows, in]
     dx = (dy2 @ w).reshape(x.shape)                                  # [..., in]
-    return dx, {"w": dy2.T @ x2, "b": dy2.sum(0)}                    # [out, in], [out]
+    dw = dy2.T @ x2 if w.shape[0] >= w.shape[1] else (x2.T @ dy2).T  # [out, in]: OpenBLAS is faster with the
+    return dx, {"w": dw, "b": dy2.sum(0)}                            # longer side as the product's rows [out]
 
 
 def layer_norm_backward(dy, x, g, eps):
@@ -166,15 +177,15 @@ def add_layer_norm_backward(dy, s, g, eps):
     return layer_norm_backward(dy, s, g, eps)                        # [B, n, H], {"g", "b"}
 
 
-def ffn_forward(x, i, o, act):
+def ffn_forward(x, i, o, act, ops=None):
     pre = ref.linear(x, **i)                                         # [B, n, H] -> [B, n, I]
-    mid = ref.ACTIVATIONS[act](pre)                                  # [B, n, I]
+    mid = (ops or OPS).activation(pre, act)                          # [B, n, I]
     return ref.linear(mid, **o), {"x": x, "pre": pre, "mid": mid}    # [B, n, H]
 
 
-def ffn_backward(dy, cache, i, o, act):
+def ffn_backward(dy, cache, i, o, act, ops=None):
     d_mid, g_o = linear_backward(dy, cache["mid"], o["w"])           # [B, n, I]
-    d_pre = ACTIVATION_BACKWARDS[act](d_mid, cache["pre"])           # [B, n, I]
+    d_pre = (ops or OPS).activation_backward(d_mid, cache["pre"], act)  # [B, n, I]
     dx, g_i = linear_backward(d_pre, cache["x"], i["w"])             # [B, n, H]
     return dx, {"i": g_i, "o": g_o}
 
@@ -305,7 +316,8 @@ def fca_backward(dy, cache, aggregate):
 # ---------------------------------------------------------------- one layer, the whole model
 
 
-def layer_forward(x, mask, sizes, p, cfg, fca=None, layer=0, state=None, p_hidden=0.0, p_attn=0.0, rng=None):
+def layer_forward(x, mask, sizes, p, cfg, fca=None, layer=0, state=None, p_hidden=0.0, p_attn=0.0, rng=None,
+                  ops=None):
     """One BERT layer as reference.bert_forward runs it, with FCA between the attention and the FFN."""
     eps, act = cfg.layer_norm_eps, cfg.hidden_act
     reduce = fca is not None and fca.active(layer)
@@ -319,17 +331,18 @@ def layer_forward(x, mask, sizes, p, cfg, fca=None, layer=0, state=None, p_hidde
     if reduce:
         stats = ref.attention_stats(probs, mask)                     # {name: [B, n]}
         x1, mask, sizes, cache["fca"] = fca_forward(fca, layer, x1, mask, sizes, stats, K, *state)  # [B, n', H]
-    f, c_ffn = ffn_forward(x1, **p["ffn"], act=act)                  # [B, n', H]
+    f, c_ffn = ffn_forward(x1, **p["ffn"], act=act, ops=ops)         # [B, n', H]
     f, keep_f = dropout_forward(f, p_hidden, rng)
     s2 = f + x1                                                      # [B, n', H]
     cache.update({"ffn": c_ffn, "keep_f": keep_f, "s2": s2})
     return ref.layer_norm(s2, **p["ffn_ln"], eps=eps), mask, sizes, cache
 
 
-def layer_backward(dy, cache, p, cfg, fca=None):
+def layer_backward(dy, cache, p, cfg, fca=None, ops=None):
     eps = cfg.layer_norm_eps
     d_s2, g_ffn_ln = add_layer_norm_backward(dy, cache["s2"], p["ffn_ln"]["g"], eps)  # [B, n', H]
-    d_x1, g_ffn = ffn_backward(dropout_backward(d_s2, cache["keep_f"]), cache["ffn"], **p["ffn"], act=cfg.hidden_act)
+    d_x1, g_ffn = ffn_backward(dropout_backward(d_s2, cache["keep_f"]), cache["ffn"], **p["ffn"], act=cfg.hidden_act,
+                               ops=ops)
     d_x1 = d_x1 + d_s2                                               # the residual
     d_probs = None
     if cache["fca"] is not None:
@@ -348,12 +361,13 @@ def layer_backward(dy, cache, p, cfg, fca=None):
     return d_x + d_s1, {"attn": g_attn, "attn_ln": g_attn_ln, "ffn": g_ffn, "ffn_ln": g_ffn_ln}
 
 
-def forward(params, cfg, ids, mask, tt, fca=None, dropout=0.0, attn_dropout=None, rng=None, keys=None):
+def forward(params, cfg, ids, mask, tt, fca=None, dropout=0.0, attn_dropout=None, rng=None, keys=None, ops=None):
     """The training forward: reference.bert_forward (plus the heads and mean pooling) with a cache.
 
     dropout: hidden dropout probability (embeddings, attention output, FFN output, before the
     classifier); attn_dropout: on the attention probabilities (default: dropout). No rng, no dropout.
-    keys: [B] seeds of FCA's random rule (fca.sequence_keys(ids, mask) when None).
+    keys: [B] seeds of FCA's random rule (fca.sequence_keys(ids, mask) when None). ops: where `activation`
+    and `activation_backward` come from (this module, or the Numba kernels of minifca.kernels.cpu_grad).
     Returns ({last_hidden_state, mask, sizes, embeddings, pooler_output, logits}, cache).
     """
     p_hidden = dropout if rng is not None else 0.0
@@ -369,11 +383,11 @@ def forward(params, cfg, ids, mask, tt, fca=None, dropout=0.0, attn_dropout=None
         state = (fca_mod.sequence_keys(ids, mask) if keys is None else keys, mask.sum(1).astype(np.int64))
     layers = []
     for layer, p in enumerate(params["layers"]):
-        x, mask, sizes, c = layer_forward(x, mask, sizes, p, cfg, fca, layer, state, p_hidden, p_attn, rng)
+        x, mask, sizes, c = layer_forward(x, mask, sizes, p, cfg, fca, layer, state, p_hidden, p_attn, rng, ops)
         layers.append(c)
     out = {"last_hidden_state": x, "mask": mask, "sizes": sizes, "embeddings": ref.mean_pool(x, mask, sizes),
            "pooler_output": None, "logits": None}
-    cache = {"emb": c_emb, "layers": layers, "fca": fca, "x": x, "mask": mask, "sizes": sizes}
+    cache = {"emb": c_emb, "layers": layers, "fca": fca, "x": x, "mask": mask, "sizes": sizes, "ops": ops}
     if "pooler" in params:
         out["pooler_output"] = ref.pooler(x, **params["pooler"])     # [B, H]
         if "classifier" in params:
@@ -409,10 +423,13 @@ def backward(params, cfg, cache, d_out):
     grads["layers"] = [None] * len(params["layers"])
     for layer in reversed(range(len(params["layers"]))):
         dx, grads["layers"][layer] = layer_backward(dx, cache["layers"][layer], params["layers"][layer], cfg,
-                                                    cache["fca"])
+                                                    cache["fca"], cache["ops"])
     grads["embeddings"], d_inputs = embeddings_backward(dx, cache["emb"], **params["embeddings"],
                                                         eps=cfg.layer_norm_eps)
     return grads, d_inputs
+
+
+OPS = sys.modules[__name__]                                          # the default ops: this module
 
 
 # ---------------------------------------------------------------- losses: (value, gradient)

@@ -6,11 +6,26 @@ import math
 import numpy as np
 
 
-class AdamW:
-    """params: {name: float32 array}, updated in place. no_decay: names left out of weight decay."""
+def adamw_update(p, g, m, v, decay, b1, b2, step_size, c2, eps):
+    """One tensor's update, in place, in torch's order: decay, m = lerp(m, g, 1 - b1), v = b2 v + (1 - b2) g^2,
+    p -= step_size * m / (sqrt(v) / c2 + eps)."""
+    f = p.dtype.type
+    if decay != 1.0:
+        p *= f(decay)                                                # decoupled weight decay
+    m += f(1 - b1) * (g - m)
+    v *= f(b2)
+    v += f(1 - b2) * g * g
+    p -= f(step_size) * (m / (np.sqrt(v) / f(c2) + f(eps)))
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, no_decay=()):
+
+class AdamW:
+    """params: {name: float32 array}, updated in place. no_decay: names left out of weight decay.
+    update: the per-tensor update (`adamw_update`, or minifca.kernels.cpu_grad.adamw_update, fused)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, no_decay=(),
+                 update=None):
         self.params, self.lr, self.betas, self.eps, self.weight_decay = params, lr, betas, eps, weight_decay
+        self.update = update or adamw_update
         self.no_decay = set(no_decay)
         self.t = 0
         self.m = {k: np.zeros_like(v) for k, v in params.items()}   # first moments
@@ -23,13 +38,8 @@ class AdamW:
         step_size = lr / (1 - b1 ** self.t)                          # bias corrections, as torch folds them
         c2 = math.sqrt(1 - b2 ** self.t)
         for k, p in self.params.items():
-            g, m, v = grads[k], self.m[k], self.v[k]
-            if self.weight_decay and k not in self.no_decay:
-                p *= p.dtype.type(1 - lr * self.weight_decay)       # decoupled weight decay
-            m += p.dtype.type(1 - b1) * (g - m)                      # m = lerp(m, g, 1 - b1)
-            v *= p.dtype.type(b2)
-            v += p.dtype.type(1 - b2) * g * g
-            p -= p.dtype.type(step_size) * (m / (np.sqrt(v) / p.dtype.type(c2) + p.dtype.type(self.eps)))
+            decay = 1 - lr * self.weight_decay if self.weight_decay and k not in self.no_decay else 1.0
+            self.update(p, grads[k], self.m[k], self.v[k], decay, b1, b2, step_size, c2, self.eps)
 
     def state(self) -> dict:
         """Flat {name: array} for saving (safetensors): moments and the step count."""

@@ -2,8 +2,9 @@
 
 Same checkpoint, same batch (real SST-2 training sentences of similar length), dropout 0.1 in both,
 cross-entropy loss, AdamW step. The two alternate, `--rounds` times, and each side's best is reported
-with the ratio of step rates (minifca / torch: > 1 means minifca is faster). minifca also runs with the
-FCA schedule distill uses, and a profile of its step is printed with --profile.
+with the ratio of step rates (minifca / torch: > 1 means minifca is faster). minifca runs with NumPy alone
+and with the Numba kernels of minifca.kernels.cpu_grad (what distill uses), each also with the FCA schedule;
+--profile prints a profile of minifca's step.
 
     OPENBLAS_CORETYPE= OPENBLAS_L2_SIZE= python scripts/ab_train_step.py [--batch 32] [--profile]
 """
@@ -51,16 +52,18 @@ def main():
           f"valid), {args.threads} threads", file=sys.stderr)
     fca = FCAConfig.load(args.schedule)
 
+    from minifca.kernels import cpu_grad
     params = grad.trainable(m.params)
     opt = AdamW(dict(grad.leaves(params)), lr=1e-5)
+    fused = AdamW(dict(grad.leaves(params)), lr=1e-5, update=cpu_grad.adamw_update)
 
-    def ours(f=None):
+    def ours(f=None, ops=None):
         rng = np.random.default_rng(0)
         out, cache = grad.forward(params, m.config, enc.input_ids, enc.attention_mask, enc.token_type_ids, fca=f,
-                                  dropout=0.1, rng=rng)
+                                  dropout=0.1, rng=rng, ops=ops)
         _, d = grad.cross_entropy(out["logits"], labels)
         g, _ = grad.backward(params, m.config, cache, {"logits": d})
-        opt.step(dict(grad.leaves(g)))
+        (opt if ops is None else fused).step(dict(grad.leaves(g)))
 
     tm = transformers.BertForSequenceClassification.from_pretrained(args.model, attn_implementation="eager").train()
     topt = torch.optim.AdamW(tm.parameters(), lr=1e-5)
@@ -74,7 +77,8 @@ def main():
         loss.backward()
         topt.step()
 
-    cases = {"torch autograd": theirs, "minifca.grad": ours, "minifca.grad + FCA": lambda: ours(fca)}
+    cases = {"torch autograd": theirs, "minifca.grad": ours, "minifca.grad + Numba": lambda: ours(None, cpu_grad),
+             "minifca.grad + FCA": lambda: ours(fca), "minifca.grad + Numba + FCA": lambda: ours(fca, cpu_grad)}
     best = dict.fromkeys(cases, float("inf"))
     for f in cases.values():
         f()                                                          # warm-up
@@ -85,9 +89,9 @@ def main():
             best[name] = min(best[name], time.perf_counter() - t)
     base = best["torch autograd"]
     for name, s in best.items():
-        print(f"{name:22s} {s * 1e3:8.0f} ms/step   rate vs torch {base / s:.2f}x")
+        print(f"{name:28s} {s * 1e3:8.0f} ms/step   rate vs torch {base / s:.2f}x")
     if args.profile:
-        for label, f in (("no FCA", ours), ("FCA", lambda: ours(fca))):
+        for label, f in (("NumPy, no FCA", ours), ("Numba kernels, no FCA", lambda: ours(None, cpu_grad))):
             prof = cProfile.Profile()
             prof.runcall(f)
             print(f"\nminifca.grad step ({label}), by own time:")

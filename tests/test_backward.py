@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import minifca
-from conftest import EPS32, SST2_MODEL, torch_reference, write_random_checkpoint
+from conftest import EPS32, SST2_MODEL, assert_f32_close, torch_reference, write_random_checkpoint
 from minifca import FCAConfig, grad, reference
 from minifca.optim import AdamW
 from minifca.weights import from_params
@@ -362,3 +362,51 @@ def test_adamw_steps_equal_torch():
         for k, p in params.items():
             # the same float32 operations in the same order: a few ulp of the parameters
             np.testing.assert_allclose(p, tparams[k].detach().numpy(), rtol=0, atol=4 * EPS32 * np.abs(p).max())
+
+
+# ---------------------------------------------------------------- the Numba kernels of a training step
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu", "silu"])
+def test_numba_activation_kernels_match_numpy(act):
+    from minifca.kernels import cpu_grad
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((64, 96)) * 3).astype(np.float32)
+    dy = rng.standard_normal((64, 96)).astype(np.float32)
+    # kernels.cpu's _exp errs by <= 8e-8 relative (libm's expf: 6e-8), and the same polynomials are evaluated
+    # in the same order: a handful of roundings apart, f32_bound's width 8 at depth 1
+    assert_f32_close(cpu_grad.activation(x, act), reference.ACTIVATIONS[act](x), depth=1, width=8, what=act)
+    assert_f32_close(cpu_grad.activation_backward(dy, x, act), grad.ACTIVATION_BACKWARDS[act](dy, x), depth=1,
+                     width=8, what=f"d {act}")
+
+
+def test_numba_adamw_matches_numpy():
+    from minifca.kernels import cpu_grad
+    rng = np.random.default_rng(12)
+    a = {"w": rng.standard_normal((40, 30)).astype(np.float32), "b": rng.standard_normal(30).astype(np.float32)}
+    b = {k: v.copy() for k, v in a.items()}
+    kw = {"lr": 1e-2, "weight_decay": 0.1, "no_decay": ["b"]}
+    plain, fused = AdamW(a, **kw), AdamW(b, update=cpu_grad.adamw_update, **kw)
+    for _ in range(3):
+        g = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in a.items()}
+        plain.step(g)
+        fused.step({k: v.copy() for k, v in g.items()})
+    for k in a:   # the same float32 operations per element, in the same order: a few ulp of the parameters
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=4 * EPS32 * np.abs(a[k]).max())
+        np.testing.assert_allclose(fused.v[k], plain.v[k], rtol=0, atol=4 * EPS32 * np.abs(plain.v[k]).max())
+
+
+def test_training_step_with_numba_kernels_matches_numpy(tiny):
+    from minifca.kernels import cpu_grad
+    model, _ = tiny
+    cfg = model.config
+    rng = np.random.default_rng(13)
+    ids, mask, tt = batch(rng, 120, 3, 12)
+    fca = FCAConfig(keep=0.5)
+    outs = []
+    for ops in (None, cpu_grad):
+        out, cache = grad.forward(model.params, cfg, ids, mask, tt, fca=fca, ops=ops)
+        d = grad.cross_entropy(out["logits"], np.array([0, 1, 0]) % cfg.num_labels)[1]
+        outs.append(from_params(grad.backward(model.params, cfg, cache, {"logits": d})[0]))
+    for name, want in outs[0].items():
+        assert rel_err(outs[1][name], want) <= grad_bound(cfg) or name.endswith("key.bias"), name
