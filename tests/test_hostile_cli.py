@@ -276,3 +276,20 @@ def test_embed_input_with_bom_and_crlf(capsys, minilm_path, tmp_path, suffix):
     ok(capsys, "embed", "--model", minilm_path, plain, "-o", tmp_path / "a.npy")
     ok(capsys, "embed", "--model", minilm_path, windows, "-o", tmp_path / "b.npy")
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+
+
+def test_token_classifier_run_labels_every_token(capsys, token_model):
+    """A BertForTokenClassification checkpoint is run as one (its per-token head used), not as a bare encoder."""
+    import numpy as np
+
+    import minifca
+    res = json.loads(ok(capsys, "run", "--model", token_model, "--backend", "numpy", "a b a", "b", "--json"))
+    model = minifca.from_pretrained(token_model, backend="numpy")
+    enc = model.tokenize(["a b a", "b"])
+    want = model(enc).logits.argmax(-1)
+    labels = model.config.id2label
+    for r, toks, row in zip(res["tags"], enc.tokens, want):
+        assert r["tokens"] == [[t, labels[int(c)]] for t, c in zip(toks, row)]
+    assert [len(r["tokens"]) for r in res["tags"]] == [5, 3]          # [CLS] a b a [SEP], [CLS] b [SEP]
+    text = ok(capsys, "run", "--model", token_model, "--backend", "numpy", "a b")
+    assert "[CLS]/" in text and "a/" in text

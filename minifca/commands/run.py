@@ -1,4 +1,5 @@
-"""`minifca run`: classify (classifier head) or embed (encoder only) texts from arguments or stdin."""
+"""`minifca run`: classify (classifier head), tag tokens (token classifier) or embed (encoder only) texts
+from arguments or stdin."""
 from __future__ import annotations
 
 import time
@@ -61,7 +62,27 @@ def run_texts(model, texts, fca, max_length=None, batch_size=32, repeats=3, show
     return res
 
 
+def tag_texts(model, texts, fca, max_length=None):
+    """A token classifier's (BertForTokenClassification's) label for every token of `texts`: a JSON-able
+    dict with, per text, [[token, label], ...] (special tokens included). FCA is refused by the forward:
+    it merges the tokens that need labels."""
+    enc = model.tokenize(texts, max_length=max_length)
+    out = model(enc, fca=fca)
+    labels = model.config.id2label
+    tags = out.logits.argmax(-1)                                     # [B, L] class of each token
+    return {"model": str(model.path), "backend": model.backend, "fca": None, "flops": out.flops,
+            "flops_full": out.flops_full,
+            "tags": [{"text": t, "tokens": [[tok, labels[int(c)]] for tok, c in zip(toks, row)]}
+                     for t, toks, row in zip(texts, enc.tokens, tags)]}
+
+
 def print_run(res):
+    if "tags" in res:
+        for r in res["tags"]:
+            print(r["text"])
+            print("  " + " ".join(f"{tok}/{label}" for tok, label in r["tokens"]))
+        print(f"FLOPs {res['flops'] / 1e9:.3f} G")
+        return
     if "predictions" in res:
         for p in res["predictions"]:
             probs = "  ".join(f"{k}={v:.4f}" for k, v in p["probabilities"].items())
@@ -89,16 +110,19 @@ def cmd_run(args):
     model = load_model(args)
     fca = fca_from_args(args, model.config.num_hidden_layers)
     texts = texts_from(args.text)
-    res = run_texts(model, texts, fca, args.max_length, args.batch_size)
+    if "token_classifier" in model.params:
+        res = tag_texts(model, texts, fca, args.max_length)
+    else:
+        res = run_texts(model, texts, fca, args.max_length, args.batch_size)
     if not emit(res, args.json):
         print_run(res)
 
 
 def register(subparsers, parents):
     p = subparsers.add_parser("run", parents=[parents["model"], parents["fca"]], help="classify or embed texts",
-                              description="Labels and probabilities (classifier checkpoints) or embedding norms and "
-                                          "cosine similarities (encoder-only checkpoints). Texts from arguments or "
-                                          "stdin.")
+                              description="Labels and probabilities (classifier checkpoints), a label per token "
+                                          "(token classifiers), or embedding norms and cosine similarities "
+                                          "(encoder-only checkpoints). Texts from arguments or stdin.")
     p.add_argument("text", nargs="*", help="texts to run (default: one per line from stdin)")
     p.add_argument("--batch-size", type=int_at_least(1), default=32,
                    help="texts per forward, sorted by length first (default 32)")
