@@ -115,7 +115,7 @@ def _read_cache(path, batches, n_labels) -> dict:
             except (json.JSONDecodeError, RecursionError):
                 continue
             if _cached_batch_ok(r, batches, n_labels):
-                done[r["batch"]] = r
+                done[r["batch"]] = {**r, "cached": True}            # not computed (nor timed) by this run
     return done
 
 
@@ -136,11 +136,15 @@ def _cached_batch_ok(r, batches, n_labels) -> bool:
 
 
 def _assemble(batches, done) -> dict:
-    """One pass from its batches' results: logits [N, C] back in the data's order, FLOPs and seconds summed."""
-    total = {"flops": 0, "flops_full": 0, "flops_full_padded": 0, "seconds": 0.0}
+    """One pass from its batches' results: logits [N, C] back in the data's order, FLOPs summed, and the
+    seconds of the batches this run computed (examples_timed of them; cached ones were timed by another run)."""
+    total = {"flops": 0, "flops_full": 0, "flops_full_padded": 0}
     for b in range(len(batches)):
         for k in total:
             total[k] += done[b][k]
+    fresh = [b for b in range(len(batches)) if not done[b].get("cached")]
+    total["seconds"] = float(sum(done[b]["seconds"] for b in fresh))
+    total["examples_timed"] = int(sum(len(batches[b][0]) for b in fresh))
     order = np.concatenate([i for i, _ in batches])
     logits = np.concatenate([np.asarray(done[b]["logits"], np.float64) for b in range(len(batches))])
     res = np.empty_like(logits)
@@ -163,7 +167,8 @@ def summarize(run, labels, full_pred=None) -> dict:
             "flops": int(run["flops"]), "flops_full": int(run["flops_full"]),
             "flops_full_padded": int(run["flops_full_padded"]),
             "flops_ratio": run["flops"] / run["flops_full"], "flops_ratio_padded": run["flops"] / run["flops_full_padded"],
-            "examples": n, "seconds": run["seconds"], "examples_per_second": n / max(run["seconds"], 1e-9)}
+            "examples": n, "seconds": run["seconds"], "examples_timed": run["examples_timed"],
+            "examples_per_second": run["examples_timed"] / max(run["seconds"], 1e-9) if run["examples_timed"] else None}
 
 
 # ---------------------------------------------------------------- eval
@@ -190,6 +195,7 @@ def evaluate_many(model, data, fcas, batch_size=64, pad_to=64, max_length=None, 
         n += fca is not None
         res = summarize(runs[n if fca is not None else 0], labels, full_pred)
         res.update({"accuracy_full": float(np.mean(full_pred == labels)), "seconds_full": runs[0]["seconds"],
+                    "examples_timed_full": runs[0]["examples_timed"],
                     "model": str(model.path), "data": data.source, "backend": model.backend, "pad_to": pad_to,
                     "fca": None if fca is None else fca.to_dict()})
         out.append(res)

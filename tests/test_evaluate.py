@@ -367,3 +367,27 @@ def test_shipped_schedules_load(path):
     cfg = minifca.FCAConfig.load(path)
     cfg.check_layers(6)                                              # made for the 6-layer SST-2 fine-tune
     assert all(a >= b for a, b in zip(cfg.keep, cfg.keep[1:]))
+
+
+def test_eval_resumed_from_out_does_not_reprint_cached_speed(tmp_path, capsys):
+    """A rerun with --out reads every batch back: its speed is 'not measured', not the first run's figure;
+    a half-cached run times only the batches it computed."""
+    sst2 = SST2_MODEL.parent.parent / "data" / "sst2" / "dev.tsv"
+    args = ["eval", "--model", str(SST2_MODEL), "--data", str(sst2), "--limit", "12", "--batch-size", "4",
+            "--out", str(tmp_path / "cache")]
+    assert main(args + ["--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["examples_timed"] == 12 and first["examples_per_second"] > 0
+    assert main(args + ["--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["examples_timed"] == 0 and again["examples_per_second"] is None and again["seconds"] == 0
+    assert again["accuracy"] == first["accuracy"]
+    assert main(args) == 0
+    assert "speed      not measured (every batch came from --out" in capsys.readouterr().out
+    cache = next((tmp_path / "cache").glob("*.jsonl"))
+    lines = cache.read_text().splitlines()
+    keep = [line for line in lines if json.loads(line)["batch"] != 1]     # forget one batch of the full model
+    cache.write_text("\n".join(keep) + "\n")
+    assert main(args + ["--json"]) == 0
+    part = json.loads(capsys.readouterr().out)
+    assert part["examples_timed_full"] == part["examples_timed"] == 4       # no FCA flags: the one pass

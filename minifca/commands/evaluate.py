@@ -27,8 +27,16 @@ def print_eval(r):
     print(f"FLOPs      {r['flops'] / 1e9:.2f} G = {r['flops_ratio']:.1%} of the full model on the real tokens, "
           f"{r['flops_ratio_padded']:.1%} of the full model padded to {r['pad_to']} "
           f"(padding alone: the full model is {r['flops_full'] / r['flops_full_padded']:.1%} of its padded self)")
-    print(f"speed      {r['examples_per_second']:.0f} examples/s ({r['seconds']:.1f} s; full model "
-          f"{r['examples'] / max(r['seconds_full'], 1e-9):.0f} examples/s)")
+    print(f"speed      {speed(r['examples_timed'], r['seconds'], r['examples'])}; full model "
+          f"{speed(r['examples_timed_full'], r['seconds_full'], r['examples'])}")
+
+
+def speed(timed, seconds, n):
+    """examples/s of the forwards this run made (batches read back from --out were timed by an earlier run)."""
+    if not timed:
+        return "not measured (every batch came from --out's results of an earlier run)"
+    rate = f"{timed / max(seconds, 1e-9):.0f} examples/s ({seconds:.1f} s of forwards"
+    return rate + (f" over the {timed} examples run now; {n - timed} came from --out)" if timed < n else ")")
 
 
 def describe(fca: dict) -> str:
