@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from . import __version__
 from .commands import register_all
 from .errors import MinifcaError
 
@@ -14,6 +15,7 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="minifca", description=(
         "BERT inference without torch (NumPy reference, Numba core, numba.cuda) and FCA: fine- and "
         "coarse-granularity hybrid self-attention that shortens the sequence layer by layer."))
+    parser.add_argument("--version", action="version", version=f"minifca {__version__}")
     register_all(parser.add_subparsers(dest="command", metavar="COMMAND"))
     return parser
 

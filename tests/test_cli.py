@@ -222,3 +222,50 @@ def test_demo_names_what_it_timed(capsys):
     assert code == 0, err
     line = next(i for i, s in enumerate(out.splitlines()) if s.startswith("time:"))
     assert "median of 5 forwards of the one batch of 6, after a warm-up forward" in out.splitlines()[line + 1]
+
+
+# ---------------------------------------------------------------- help that explains, --version
+
+
+def help_text(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "--help"])
+    assert e.value.code == 0
+    return " ".join(capsys.readouterr().out.split())                    # argparse's line wrapping undone
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"minifca {minifca.__version__}"
+
+
+def test_fca_keep_help_says_one_value_cuts_once(capsys, minilm_path):
+    text = help_text(capsys, "run")
+    assert "ORIGINAL length" in text and "0.5 cuts once" in text and "1,0.8,0.6,0.5,0.4,0.3" in text
+    assert "17 -> 10 and stays 10" in text and "(17, 15, 12, 10, 8, 7 units)" in text
+    from minifca.explain import picture
+    model = minifca.from_pretrained(minilm_path, backend="numpy")
+    sentence = "A man is playing a guitar on stage in front of a large audience ."        # 17 tokens
+    for keep, units in [("0.5", [10] * 6), ("1,0.8,0.6,0.5,0.4,0.3", [17, 15, 12, 10, 8, 7])]:
+        from minifca.commands.common import parse_keep
+        fca = minifca.FCAConfig(keep=parse_keep(keep))
+        assert [L["units"] for L in picture(model, sentence, fca)["layers"]] == units   # what the help claims
+
+
+def test_fca_rules_listed_and_checked(capsys):
+    text = help_text(capsys, "run")
+    for name in (*minifca.SCORES, *minifca.AGGREGATES):
+        assert name in text
+    with pytest.raises(SystemExit) as e:                                 # argparse's one-line error, exit 2
+        cli.main(["run", "--fca-score", "loudest", "x"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "invalid choice: 'loudest'" in err and "attention_received" in err
+
+
+def test_ablate_help_shows_every_default():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices["ablate"]
+    for a in sub._actions:
+        if a.help and a.default not in (None, False, "==SUPPRESS==") and a.dest != "help":
+            assert "default" in a.help, a.dest

@@ -13,7 +13,7 @@ import numpy as np
 from ..assets import default_model_path
 from ..data import load_data
 from ..errors import ConfigError, InputError
-from ..fca import FCAConfig
+from ..fca import AGGREGATES, SCORES, FCAConfig
 from ..model import from_pretrained
 
 
@@ -57,11 +57,17 @@ def model_parent() -> argparse.ArgumentParser:
 def fca_parent() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("FCA (fine/coarse token reduction; off unless one of these is given)")
-    g.add_argument("--fca-keep", default=None,
-                   help="ratio of each sentence's length kept as fine units per layer: one float (e.g. 0.5) or one "
-                        "per layer (1,0.8,0.6,...); integers are absolute counts")
-    g.add_argument("--fca-score", default=None, help="scoring rule (default attention_received)")
-    g.add_argument("--fca-aggregate", default=None, help="aggregation rule (default weighted)")
+    g.add_argument("--fca-keep", default=None, metavar="KEEP",
+                   help="fine units each layer keeps, as a ratio of each sentence's ORIGINAL length (not of what "
+                        "the layer before left). One value holds for every layer, so 0.5 cuts once, at the first "
+                        "layer, and leaves the later ones alone (they already hold half: a 17-token sentence goes "
+                        "17 -> 10 and stays 10). For a decaying schedule give one value per layer, e.g. "
+                        "1,0.8,0.6,0.5,0.4,0.3 on a 6-layer model (17, 15, 12, 10, 8, 7 units). Integers are "
+                        "absolute counts")
+    g.add_argument("--fca-score", default=None, choices=list(SCORES), metavar="RULE",
+                   help=f"scoring rule, one of {', '.join(SCORES)} (default attention_received, the paper's)")
+    g.add_argument("--fca-aggregate", default=None, choices=list(AGGREGATES), metavar="RULE",
+                   help=f"aggregation rule, one of {', '.join(AGGREGATES)} (default weighted, the paper's)")
     g.add_argument("--fca-clusters", type=int, default=None, help="coarse units per layer (clusters/similarity rules)")
     g.add_argument("--fca-proportional", action="store_true", help="proportional attention: add log(size) to logits")
     g.add_argument("--fca-start-layer", type=int, default=None, help="first layer that reduces (default 0)")
