@@ -197,16 +197,16 @@ def test_run_times_the_steady_state(monkeypatch, minilm_path):
 
     from minifca.commands.run import run_texts
     model = minifca.from_pretrained(minilm_path, backend="numpy")
-    real, calls = model.forward, []
+    real, calls, clock = model.forward, [], [0.0]                     # a virtual clock: no real time measured
 
     def forward(*a, **k):
         calls.append(1)
-        if len(calls) == 1:
-            time.sleep(1.0)                                                # a slow first call
+        clock[0] += 1.0 if len(calls) == 1 else 0.01                   # a slow first call, then steady 10 ms
         return real(*a, **k)
     monkeypatch.setattr(model, "forward", forward)
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     res = run_texts(model, ["one text", "two texts"], None, repeats=3)
-    assert len(calls) == 4 and res["seconds"] < 0.5                       # warm-up + 3 timed; 1 s left out
+    assert len(calls) == 4 and res["seconds"] == pytest.approx(0.01)  # warm-up + 3 timed; the 1 s left out
     assert "median of 3 forwards" in res["timed"] and "warm-up" in res["timed"]
 
 
