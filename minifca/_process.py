@@ -32,9 +32,10 @@ def configure():
     return set_malloc_thresholds()
 
 
-def set_malloc_thresholds():
+def set_malloc_thresholds(over_env=False):
+    """over_env: also where MALLOC_*_THRESHOLD_ are set (a Dask worker: its nanny sets MALLOC_TRIM_THRESHOLD_)."""
     if (sys.platform != "linux" or os.environ.get("MINIFCA_MALLOPT", "1") == "0"
-            or "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ):
+            or (not over_env and ("MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ))):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

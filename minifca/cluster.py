@@ -26,17 +26,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import _process
 from .errors import ClusterError, MinifcaError
 
 INSTALL_HINT = "pip install -e '.[distributed]' (or pip install 'dask[distributed]')"
-# Each worker runs one task at a time on one core: Numba's and the BLAS's pools are sized to it. The malloc
-# thresholds replace Dask's MALLOC_TRIM_THRESHOLD_ (which would switch off minifca's own mallopt, _process.py)
-# with the values that mallopt sets.
+# Each worker runs one task at a time on one core: Numba's and the BLAS's pools are sized to it.
 WORKER_THREADS = 1                  # tasks at a time per local worker
 NUMBA_THREADS_PER_TASK = 1
-WORKER_ENV = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-              "MKL_NUM_THREADS": "1", "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
-              "MALLOC_MMAP_THRESHOLD_": str(256 << 20)}
+WORKER_ENV = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 CONNECT_TIMEOUT_S = 30
 
 
@@ -68,6 +65,11 @@ def worker_model(ref: ModelRef):
         model = _models.get(ref)
         if model is None:
             from .model import from_pretrained
+            if not _models:
+                # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which switches minifca's mallopt
+                # off (_process.py): every large temporary of a forward fresh pages again, 1.3-1.5x slower
+                # forwards (scripts/cluster_scaling.py). Set glibc's thresholds here, at run time, as minifca does.
+                _process.set_malloc_thresholds(over_env=True)
             try:
                 model = from_pretrained(ref.path, backend=ref.backend)
             except MinifcaError as e:             # e.g. the checkpoint is not at that path on this machine
