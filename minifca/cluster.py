@@ -56,6 +56,7 @@ class ModelRef:
 
 _models: dict = {}                  # ModelRef -> Model, this process's loaded checkpoints
 _loads: list = []                   # the ModelRefs loaded by this process, in order (tests read it)
+_malloc_set: list = []              # whether this worker process set glibc's thresholds (tests read it)
 _lock = threading.Lock()
 
 
@@ -65,11 +66,11 @@ def worker_model(ref: ModelRef):
         model = _models.get(ref)
         if model is None:
             from .model import from_pretrained
-            if not _models:
+            if not _loads:
                 # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which switches minifca's mallopt
-                # off (_process.py): every large temporary of a forward fresh pages again, 1.3-1.5x slower
-                # forwards (scripts/cluster_scaling.py). Set glibc's thresholds here, at run time, as minifca does.
-                _process.set_malloc_thresholds(over_env=True)
+                # off (_process.py): every large temporary of a forward fresh pages again, ~1.4x slower forwards
+                # (BENCHMARKS.md, "Dask cluster"). Set glibc's thresholds here, at run time, as minifca does.
+                _malloc_set.append(_process.set_malloc_thresholds(over_env=True))
             try:
                 model = from_pretrained(ref.path, backend=ref.backend)
             except MinifcaError as e:             # e.g. the checkpoint is not at that path on this machine
@@ -92,6 +93,11 @@ def _worker_name():
 def loads():
     """The checkpoints this process has loaded for tasks, in order (a worker's record, for tests)."""
     return [(r.path, r.backend) for r in _loads]
+
+
+def malloc_set():
+    """Whether this process set glibc's malloc thresholds when it loaded its first model (a worker's record)."""
+    return list(_malloc_set)
 
 
 def _on_worker(fn, ref, *args):

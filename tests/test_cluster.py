@@ -91,6 +91,11 @@ def test_grid_on_two_workers_is_the_serial_grid_bit_for_bit(model, data, local2,
     assert sum(len(v) for v in loads.values()) >= 1
     for v in loads.values():
         assert v.count((str(model.path), "numba")) <= 1
+    # ... and set glibc's malloc thresholds then, although Dask's nanny started it with MALLOC_TRIM_THRESHOLD_
+    nanny_env = local2.client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+    malloc = local2.client.run(cluster.malloc_set)
+    for addr in loads:
+        assert nanny_env[addr] is not None and malloc[addr] == ([True] if loads[addr] else [])
 
 
 def test_eval_of_several_schedules_and_calibration_match_serial(model, data, local2):
