@@ -18,7 +18,7 @@ from .progress import progress
 from .sentence import SentenceConfig, l2_normalize, pool
 from .threadlimit import check_threads
 from .tokenizer import Encoding, Tokenizer
-from .weights import find_weight_files, load_state, to_params
+from .weights import find_weight_files, load_state, release_pages, to_params
 
 NEEDED_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
                 "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
@@ -383,6 +383,10 @@ def from_pretrained(name_or_path, backend="numba", *, threads=None, revision=Non
     cfg = BertConfig.from_json(folder / "config.json")
     files = find_weight_files(folder)
     params = to_params(load_state(files, cfg, mmap=bool(mmap)), cfg)
+    if backend == "numba":
+        from .kernels import cpu
+        mapped, params = params, cpu.lay_out(params)                 # weights in the layout its products want
+        release_pages(mapped)                                        # the copies are what it holds now
     tok = None
     if (folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file():
         tok = Tokenizer.from_folder(folder, cfg.max_position_embeddings, cfg.pad_token_id)

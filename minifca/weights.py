@@ -132,6 +132,32 @@ def read_safetensors(path, mmap: bool = True) -> dict[str, np.ndarray]:
     return out                               # stay in the page cache) so RSS counts only what a forward touches
 
 
+def release_pages(tree) -> int:
+    """Unmap from this process the pages read so far of every memory-mapped file under the arrays of `tree`
+    (nested dicts / lists): after a copy of them is made (kernels/cpu.lay_out), RSS then counts the copy once,
+    and the file's pages stay in the page cache, read back if a mapped array is used again. Returns how many
+    mappings were released."""
+    seen = {}
+
+    def walk(node):
+        if isinstance(node, dict):
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                walk(v)
+        elif isinstance(node, np.ndarray):
+            while node is not None and getattr(node, "_mmap", None) is None:
+                node = node.base if isinstance(node.base, np.ndarray) else None
+            if node is not None:
+                seen[id(node._mmap)] = node._mmap
+    walk(tree)
+    for mapped in seen.values():
+        if hasattr(mapped, "madvise") and hasattr(_mmap, "MADV_DONTNEED"):
+            mapped.madvise(_mmap.MADV_DONTNEED)
+    return len(seen)
+
+
 def read_shard_index(index: Path) -> list[str]:
     """The shard files a model.safetensors.index.json names (sorted), each checked to stay in its folder.
 

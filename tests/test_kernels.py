@@ -125,6 +125,19 @@ def test_embeddings_match_reference(B, L, seed):
     assert close(C.embeddings(ids, tt, **p, eps=1e-12), R.embeddings(ids, tt, **p, eps=1e-12), depth=3, width=H)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 8, 62, 80, 81, 128, 200])
+def test_products_with_laid_out_weights_match_the_checkpoint_layout(rows):
+    """_xwt / _linear give x @ w^T + b whether w is in the checkpoint's layout (C order: x @ w^T, or w @ x^T for
+    2-80 rows) or laid out by lay_out (Fortran order: BLAS's no-transpose product), against float64."""
+    rng = np.random.default_rng(rows)
+    x, w, b = rand(rng, rows, 96), rand(rng, 40, 96, scale=0.3), rand(rng, 40)
+    want = x.astype(np.float64) @ w.T.astype(np.float64) + b                    # [R, 40]
+    for layout in (w, np.asfortranarray(w)):
+        got = C._linear(x, layout, b)
+        assert got.shape == (rows, 40) and got.flags.c_contiguous
+        assert maxdiff(got, want) <= f32_bound(want, depth=1, width=96)        # one sum of 96 products each
+
+
 # ---------------------------------------------------------------- whole models: numba backend vs numpy backend
 
 
@@ -136,6 +149,20 @@ def random_models(tmp_path_factory):
                                      vocab_size=120, max_position_embeddings=40, initializer_range=0.3,
                                      num_labels=3)
     return minifca.from_pretrained(folder, backend="numpy"), minifca.from_pretrained(folder, backend="numba")
+
+
+def test_numba_model_holds_its_layer_weights_laid_out_once(random_models):
+    """from_pretrained(backend="numba") lays the encoder's linear weights out for their product (Fortran order,
+    read-only, the same values); the numpy backend keeps the checkpoint's memory-mapped arrays."""
+    ref, fast = random_models
+    for lr, lf in zip(ref.params["layers"], fast.params["layers"]):
+        for part, names in (("attn", "qkvo"), ("ffn", ("i", "o"))):
+            for name in names:
+                wr, wf = lr[part][name]["w"], lf[part][name]["w"]
+                assert wr.flags.c_contiguous and isinstance(wr, np.memmap)
+                assert wf.flags.f_contiguous and not wf.flags.c_contiguous and not wf.flags.writeable
+                assert np.array_equal(wr, wf)
+    assert fast.params["embeddings"]["word"] is not None and isinstance(fast.params["embeddings"]["word"], np.memmap)
 
 
 def same_trace(ref, got):
