@@ -6,7 +6,8 @@ against it (tests/test_kernels.py). What changes is how the work is done, not wh
 - matrix products with the weights go through BLAS (NumPy's matmul); Numba would need scipy
   to reach BLAS itself, and a hand-written loop is slower than OpenBLAS at these shapes. For a
   few rows (short sentences, sequences FCA has shortened) the product runs as w @ x^T, which
-  OpenBLAS does up to 2x faster there (`_xwt`);
+  OpenBLAS does up to 2x faster there (`_xwt`); from_pretrained lays the encoder's weights out once
+  (`lay_out`) so that every product is BLAS's no-transpose one, faster still at every row count;
 - everything between two matrix products is one parallel Numba loop over rows: bias +
   activation, residual + LayerNorm, embedding gather + LayerNorm;
 - attention is one parallel loop over (sequence, block of four query rows, so every key and
