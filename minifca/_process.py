@@ -15,7 +15,7 @@
    MINIFCA_MALLOPT=0, and where the C library has no mallopt (not glibc).
 3. Numba's threading layer is TBB (`tbb` wheel) instead of GNU OpenMP, so that torch in the same process
    neither slows minifca down nor is slowed by it: see `choose_threading_layer`, and
-   scripts/beside_torch.py for the figures.
+   benchmarks/beside_torch.py for the figures.
 """
 import ctypes
 import os

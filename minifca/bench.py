@@ -46,15 +46,31 @@ def log(msg):
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def median_ms(fn, runs, warmup=2):
+def times_ms(fn, runs, warmup=2, sync=None):
+    """The one clock of the benchmarks: wall-clock ms of `runs` calls of fn after `warmup` ones; sync
+    (e.g. cuda.synchronize) is called before the clock starts and inside each timing."""
     for _ in range(warmup):
         fn()
+    if sync is not None:
+        sync()
     ts = []
     for _ in range(runs):
         t = time.perf_counter()
         fn()
+        if sync is not None:
+            sync()
         ts.append(time.perf_counter() - t)
-    return float(np.median(ts)) * 1e3
+    return [1e3 * t for t in ts]
+
+
+def median_ms(fn, runs, warmup=2, sync=None):
+    """Median of times_ms: what `minifca bench` reports."""
+    return float(np.median(times_ms(fn, runs, warmup, sync)))
+
+
+def best_ms(fn, runs, warmup=1):
+    """Best of times_ms: what the A/B experiments in benchmarks/ report (the least disturbed run)."""
+    return min(times_ms(fn, runs, warmup))
 
 
 def sgemm_gflops(n=2048, runs=5):
@@ -99,21 +115,36 @@ def random_ids(B, L, vocab, seed=0):
 # ---------------------------------------------------------------- checkpoints
 
 
+def write_random_checkpoint(folder, seed=0, head=None, perturb=0.0, dtype="float32", max_shard_size=None,
+                            **shape) -> Path:
+    """A random-weight BERT written by transformers (save_pretrained, safetensors): the one writer of the
+    benchmarks and the tests. shape: any BertConfig fields; head: None (BertModel), "classifier" or "mlm";
+    perturb: the spread of noise added to every parameter (breaks the zero-init symmetry of biases and
+    LayerNorms, so every tensor matters); dtype: "float32", "float16" or "bfloat16". Returns the folder."""
+    import torch
+    import transformers
+    torch.manual_seed(seed)
+    cls = {"classifier": transformers.BertForSequenceClassification, "mlm": transformers.BertForMaskedLM,
+           None: transformers.BertModel}[head]
+    model = cls(transformers.BertConfig(**shape)).eval()
+    if perturb:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * perturb)
+    model = model.to(getattr(torch, dtype))
+    model.save_pretrained(folder, safe_serialization=True, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    return Path(folder)
+
+
 def ensure_checkpoint(root: Path, name: str, shape: dict) -> Path:
     """weights/bench/<name>: a random-weight BertModel written by transformers (once)."""
     folder = root / name
     if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
         return folder
-    try:
-        import torch
-        import transformers
-    except ImportError:
-        raise InputError(f"{folder}: no benchmark checkpoint there, and writing one needs torch + transformers") from None
+    if not (importable("torch") and importable("transformers")):
+        raise InputError(f"{folder}: no benchmark checkpoint there, and writing one needs torch + transformers")
     log(f"writing random checkpoint {folder}")
-    torch.manual_seed(0)
-    model = transformers.BertModel(transformers.BertConfig(**shape)).eval()
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return write_random_checkpoint(folder, **shape)
 
 
 def export_onnx(folder: Path) -> Path:

@@ -25,19 +25,6 @@ from .fca import FCAConfig, sequence_keys
 from .model import from_pretrained
 
 
-def _median_ms(fn, repeats, warmup, sync=lambda: None):
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
-
-
 def bench_matmul(M, K, N, tiles, repeats=20) -> dict:
     """TFLOP/s of the matmul_bias_act kernel (x [M, K] @ w[N, K].T + b) with the given tiles, and
     what the compiler made of it (registers and local memory per thread, FMAs in the PTX)."""
@@ -46,7 +33,7 @@ def bench_matmul(M, K, N, tiles, repeats=20) -> dict:
     ops = CudaOps(tiles=tiles)
     rng = np.random.default_rng(0)
     x, w, b = (cuda.to_device(rng.standard_normal(s).astype(np.float32)) for s in ((M, K), (N, K), (N,)))
-    ms = _median_ms(lambda: ops._linear(x, w, b), repeats, 3, cuda.synchronize)
+    ms = bench.median_ms(lambda: ops._linear(x, w, b), repeats, 3, cuda.synchronize)
     out = {"tiles": tiles, "shape": [M, K, N], "ms": ms, "tflops": 2 * M * K * N / ms / 1e9}
     kern = ops.k.matmul_bias_act
     try:
@@ -156,10 +143,10 @@ def bench_cuda(model, ids, mask, fcas: dict | None = None, repeats=20, warmup=3,
         keys = sequence_keys(ids, mask) if f is not None else None
         return lambda: reference.bert_forward(model.params, model.config, ids, mask, tt, fca=f, ops=model.ops, keys=keys)
 
-    full = _median_ms(ours(None), repeats, warmup, cuda.synchronize)
+    full = bench.median_ms(ours(None), repeats, warmup, cuda.synchronize)
     rows.append({"impl": "minifca cuda, full", "ms": full})
     for label, f in (fcas or {}).items():
-        ms = _median_ms(ours(f), repeats, warmup, cuda.synchronize)
+        ms = bench.median_ms(ours(f), repeats, warmup, cuda.synchronize)
         out = model.forward(ids, mask, fca=f)
         rows.append({"impl": f"minifca cuda, FCA {label} (keep={f.keep:.3f})", "ms": ms,
                      "flops_ratio": float(np.sum(out.flops) / np.sum(out.flops_full)), "speedup_vs_full": full / ms})
@@ -175,7 +162,7 @@ def bench_cuda(model, ids, mask, fcas: dict | None = None, repeats=20, warmup=3,
                 return tm(input_ids=i, attention_mask=m).last_hidden_state.cpu()
         rows.append({"impl": f"torch {torch.__version__} fp32 ({tm.config._attn_implementation}), "
                              f"TF32 {'on' if tf32 else 'off'}",
-                     "ms": _median_ms(theirs, repeats, warmup, torch.cuda.synchronize)})
+                     "ms": bench.median_ms(theirs, repeats, warmup, torch.cuda.synchronize)})
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
     for r in rows:
         r["sequences_per_s"] = B / r["ms"] * 1e3

@@ -3,6 +3,7 @@
 draws it. `minifca explain` and `minifca demo` print it; tutorial 3 walks through it."""
 from __future__ import annotations
 
+from .fca import FCAConfig
 from .flops import flops_per_layer
 
 def picture(model, text, fca, max_length=None):
@@ -52,9 +53,7 @@ def _cells(L, n_tokens):
 def print_picture(pic, top=6):
     tokens = pic["tokens"]
     f = pic["fca"]
-    print(f"\"{pic['text']}\" -> {len(tokens)} tokens; FCA keep {f['keep']}, score {f['score']}, "
-          f"aggregate {f['aggregate']}" + (f", {f['clusters']} clusters" if f["clusters"] > 1 else "")
-          + (", proportional attention" if f["proportional_attention"] else ""))
+    print(f"\"{pic['text']}\" -> {len(tokens)} tokens; FCA {FCAConfig.from_dict(f).describe()}")
     rows = []
     for L in pic["layers"]:
         cells, named = _cells(L, len(tokens))

@@ -316,6 +316,18 @@ class FCAConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def describe(self) -> str:
+        """One line for people: 'keep 0.5, score attention_received, aggregate weighted[, 2 clusters]...'."""
+        keep = ",".join(f"{v:g}" for v in self.keep) if isinstance(self.keep, list) else f"{self.keep:g}"
+        s = f"keep {keep}, score {self.score}, aggregate {self.aggregate}"
+        if self.clusters > 1:
+            s += f", {self.clusters} clusters"
+        if self.proportional_attention:
+            s += ", proportional attention"
+        if self.start_layer:
+            s += f", from layer {self.start_layer}"
+        return s
+
     def save(self, path):
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 

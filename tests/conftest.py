@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
+from minifca.assets import shared_path
+from minifca.data import load_data
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MINIFCA_SHARED", ROOT.parent / "shared"))
-SST2_MODEL = SHARED / "models" / "minilm-l6-sst2"
-SST2_DEV = SHARED / "data" / "sst2" / "dev.tsv"
-SST2_TRAIN = SHARED / "data" / "sst2" / "train.tsv"
+SHARED = shared_path()
+SST2_MODEL, SST2_DEV, SST2_TRAIN = shared_path("sst2_model"), shared_path("sst2_dev"), shared_path("sst2_train")
 
 # Hypothesis: under CI (CI=true) a fixed, derandomized profile, so a run is reproducible; locally the same
 # tests draw fresh examples every run (pass --hypothesis-seed=N to replay one).
@@ -59,33 +60,16 @@ def assert_f32_close(got, ref, depth=1, width=1, what="values"):
 
 
 def read_sst2(path, limit=None):
-    """(sentences, labels) of a GLUE SST-2 TSV (header `sentence<TAB>label`)."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()[1:]
-    rows = [line.rsplit("\t", 1) for line in lines if line.strip()]
-    rows = rows[:limit] if limit else rows
-    return [s.strip() for s, _ in rows], np.array([int(y) for _, y in rows])
+    """(sentences, labels) of a GLUE SST-2 TSV (header `sentence<TAB>label`), the first `limit` rows."""
+    data = load_data(path, limit=limit)
+    return data.texts, np.array(data.labels)
 
 
 def write_random_checkpoint(folder, seed=0, dtype="float32", max_shard_size=None, head="classifier", **shape):
-    """A random-weight BERT written by transformers (save_pretrained, safetensors). Returns the folder.
-
-    shape: any BertConfig fields (hidden_size, num_hidden_layers, ...). head: "classifier",
-    "token" (BertForTokenClassification), "mlm" or None (BertModel). dtype: "float32", "float16" or "bfloat16".
-    """
-    import torch
-    import transformers
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(**shape)
-    cls = {"classifier": transformers.BertForSequenceClassification, "mlm": transformers.BertForMaskedLM,
-           "token": transformers.BertForTokenClassification, None: transformers.BertModel}[head]
-    model = cls(cfg).eval()
-    with torch.no_grad():  # break the zero-init symmetry of biases/LayerNorms so every tensor matters
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    model = model.to(getattr(torch, dtype))
-    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(folder, safe_serialization=True, **kw)
-    return Path(folder)
+    """minifca.bench.write_random_checkpoint with the tests' defaults: a classifier head, every parameter
+    perturbed (so every tensor matters). shape: any BertConfig fields (hidden_size, num_hidden_layers, ...)."""
+    from minifca.bench import write_random_checkpoint as write
+    return write(folder, seed=seed, head=head, perturb=0.02, dtype=dtype, max_shard_size=max_shard_size, **shape)
 
 
 def torch_reference(folder, head="classifier"):

@@ -3,7 +3,7 @@
 CI has no GPU, so the kernels run in the simulator: NUMBA_ENABLE_CUDASIM must be set before
 numba.cuda is first imported (numba re-reads its config at every compile, so it stays set; it
 changes nothing for CPU-only Numba). Shapes are tiny because the simulator runs every GPU thread
-as a Python thread. The same comparisons on a real GPU: scripts/bench_cuda.py --parity.
+as a Python thread. The same comparisons on a real GPU: benchmarks/bench_cuda.py --parity.
 """
 from __future__ import annotations
 

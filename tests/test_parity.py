@@ -18,7 +18,7 @@ from conftest import SST2_DEV, model_bound, read_sst2, torch_reference, write_ra
 
 BACKENDS = ["numpy", "numba"]
 # Against transformers (another float32 implementation): 1e-4 absolute on O(1)-O(10) values leaves ~25x
-# margin over the largest difference measured (MiniLM 3.9e-6, SST-2 logits 6.9e-6; scripts/parity_report.py).
+# margin over the largest difference measured (MiniLM 3.9e-6, SST-2 logits 6.9e-6; benchmarks/parity_report.py).
 ATOL = 1e-4
 
 # the parity sentences (odd scripts, whitespace, emoji, an empty one); benchmarks read them too

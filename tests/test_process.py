@@ -1,4 +1,4 @@
-"""The threading configuration minifca/_process.py chooses (not timings: scripts/beside_torch.py measures those).
+"""The threading configuration minifca/_process.py chooses (not timings: benchmarks/beside_torch.py measures those).
 
 Numba's loops run on TBB, not on an OpenMP runtime, whether torch was imported before or after minifca, so
 no other library's runtime (and no wait policy read before minifca loaded) can take over the Numba pool, and

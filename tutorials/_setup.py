@@ -11,17 +11,18 @@ from pathlib import Path
 
 import numpy as np
 
+from minifca.assets import shared_path
+from minifca.data import load_data
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SHARED = Path(os.environ.get("MINIFCA_SHARED", ROOT.parent / "shared"))
-SST2_MODEL = SHARED / "models" / "minilm-l6-sst2"
-SST2_DEV = SHARED / "data" / "sst2" / "dev.tsv"
+SHARED = shared_path()
+SST2_MODEL, SST2_DEV = shared_path("sst2_model"), shared_path("sst2_dev")
 FAST = os.environ.get("MINIFCA_TUTORIAL_FAST", "0") not in ("0", "", "false", "False")
 OUT = Path(os.environ.get("MINIFCA_TUTORIAL_OUT", HERE))
 
 
 def read_sst2(path=SST2_DEV, limit=None):
     """(sentences, labels) of a GLUE SST-2 TSV (header `sentence<TAB>label`), the first `limit` rows."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()[1:]
-    rows = [line.rsplit("\t", 1) for line in lines if line.strip()][:limit]
-    return [s.strip() for s, _ in rows], np.array([int(y) for _, y in rows])
+    data = load_data(path, limit=limit)
+    return data.texts, np.array(data.labels)

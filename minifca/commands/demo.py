@@ -33,7 +33,7 @@ def cmd_demo(args, repeats=5):
     if emit(res, args.json):
         return
     print(f"minifca demo — {full['model']} ({model.backend} backend)")
-    print(f"FCA: keep {fca.keep}, score {fca.score}, aggregate {fca.aggregate} (change with --fca-* flags)\n")
+    print(f"FCA: {fca.describe()} (change with --fca-* flags)\n")
     if "similarity" in full:
         a, b = np.array(full["similarity"]), np.array(red["similarity"])
         print("cosine similarity of each sentence with the next one, full model vs FCA:")

@@ -20,7 +20,7 @@ from .common import (
 
 def print_eval(r):
     print(f"{r['model']} on {r['data']} ({r['examples']} examples, {r['backend']} backend)")
-    print(f"FCA: {describe(r['fca']) if r['fca'] else 'off (the full model)'}")
+    print(f"FCA: {FCAConfig.from_dict(r['fca']).describe() if r['fca'] else 'off (the full model)'}")
     print(f"accuracy   {r['accuracy']:.4f}  (full model {r['accuracy_full']:.4f}, "
           f"{100 * (r['accuracy'] - r['accuracy_full']):+.2f} points)")
     print(f"agreement  {r['agreement']:.4f}  with the full model's predictions")
@@ -37,19 +37,6 @@ def speed(timed, seconds, n):
         return "not measured (every batch came from --out's results of an earlier run)"
     rate = f"{timed / max(seconds, 1e-9):.0f} examples/s ({seconds:.1f} s of forwards"
     return rate + (f" over the {timed} examples run now; {n - timed} came from --out)" if timed < n else ")")
-
-
-def describe(fca: dict) -> str:
-    keep = fca["keep"]
-    keep = ",".join(f"{v:g}" for v in keep) if isinstance(keep, list) else f"{keep:g}"
-    s = f"keep {keep}, score {fca['score']}, aggregate {fca['aggregate']}"
-    if fca["clusters"] > 1:
-        s += f", {fca['clusters']} clusters"
-    if fca["proportional_attention"]:
-        s += ", proportional attention"
-    if fca["start_layer"]:
-        s += f", from layer {fca['start_layer']}"
-    return s
 
 
 def cmd_eval(args):

@@ -27,7 +27,7 @@ whose sum is 0 or NaN divides as NumPy would instead of raising ZeroDivisionErro
 
 Fastmath only inside `_softmax_row` (the max and the sum may be reassociated, so they vectorise;
 softmax 4x cheaper), in the LayerNorm loops (reassociation only: their float64 sums vectorise;
-residual + LayerNorm over [128, 384] 90 -> 20 us on one thread, scripts/ab_ln_sums.py) and FMA contraction in attention; every row is still computed by one thread in
+residual + LayerNorm over [128, 384] 90 -> 20 us on one thread, benchmarks/ab_ln_sums.py) and FMA contraction in attention; every row is still computed by one thread in
 a fixed order by the same compiled code, so the same input gives bit-identical output run to run,
 whatever the scheduling.
 
@@ -445,7 +445,7 @@ def lay_out(params):
     weight becomes a Fortran-ordered copy (still [out, in], the same values, to every reader; in memory [in, out]),
     so x @ w^T is BLAS's plain no-transpose product, the fastest OpenBLAS has for these products at every row count
     (one core, CPU time: 1.0-1.5x faster than the best of x @ w^T and w @ x^T on [out, in] rows, most at 8-128
-    rows; scripts/ab_weight_layout.py). The copies replace the memory-mapped originals, which the model then no
+    rows; benchmarks/ab_weight_layout.py). The copies replace the memory-mapped originals, which the model then no
     longer holds (from_pretrained unmaps the file's pages read while copying: weights.release_pages), so resident
     memory holds the layer weights once. Embeddings, pooler and heads keep the checkpoint's layout."""
     def linear(p):

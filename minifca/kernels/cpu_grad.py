@@ -1,7 +1,7 @@
 """Numba kernels for the non-GEMM parts of a training step, each named after the minifca.grad / optim
 function it replaces and tested against it (tests/test_backward.py).
 
-What a profile of one step showed (scripts/ab_train_step.py --profile, MiniLM, batch 32): the matrix
+What a profile of one step showed (benchmarks/ab_train_step.py --profile, MiniLM, batch 32): the matrix
 products take ~3/4 of it and stay in BLAS; next come GELU forward + backward (NumPy's erf polynomial
 and exp over [rows, I] in several passes: ~15%) and AdamW over all 22.7M parameters (~5%). Here each is one
 parallel loop: GELU with kernels.cpu's vectorisable _erf/_exp/_tanh, AdamW fused (decay, both moments

@@ -13,7 +13,7 @@ Also printed per case: Numba's threading layer and the OpenMP/BLAS runtimes load
 
 Random-weight checkpoints from `minifca bench` (weights/bench/<model>, written there if missing).
 Usage, from the repository root:
-    python scripts/beside_torch.py [--model minilm-l6] [--shape 8x128] [--runs 10] [--rounds 2] [--layers default,omp]
+    python benchmarks/beside_torch.py [--model minilm-l6] [--shape 8x128] [--runs 10] [--rounds 2] [--layers default,omp]
 """
 import argparse
 import json

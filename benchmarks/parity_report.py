@@ -2,10 +2,9 @@
 all-MiniLM-L6-v2 on the parity sentences (tests/data/parity_sentences.json, as tests/test_parity.py
 runs them: one padded batch), and the SST-2 fine-tune on all 872 dev sentences (logits, predictions,
 accuracy). Needs torch + transformers.
-Usage, from the repository root: python scripts/parity_report.py
+Usage, from the repository root: python benchmarks/parity_report.py
 """
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +12,10 @@ import torch
 import transformers
 
 import minifca
+from minifca.assets import shared_path
 from minifca.data import load_data
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MINIFCA_SHARED", ROOT.parent / "shared"))
 SENTENCES = json.loads((ROOT / "tests" / "data" / "parity_sentences.json").read_text(encoding="utf-8"))
 
 
@@ -47,8 +46,8 @@ for backend in ("numpy", "numba"):
     print(f"all-MiniLM-L6-v2 {backend}: {len(SENTENCES)} sentences, last_hidden_state max abs diff {diff:.2e}, "
           f"mean-pooled cosine min {cos.min():.9f}")
 
-sst2 = SHARED / "models" / "minilm-l6-sst2"
-dev = load_data(SHARED / "data" / "sst2" / "dev.tsv")
+sst2 = shared_path("sst2_model")
+dev = load_data(shared_path("sst2_dev"))
 texts, labels = dev.texts, np.array(dev.labels)
 tm = torch_reference(sst2)
 for backend in ("numpy", "numba"):

@@ -1,14 +1,14 @@
 """FCA forward with the batched decisions (`FCAState._reduce_batched`) against the per-sequence loop.
 
 all-MiniLM-L6-v2 (the pip-shipped default), 32 x 64 random ids, rows 16..31 padded after 40 tokens,
-keep 0.5; the loop is forced through `fca.batchable`. Best of 5 each. Usage: python scripts/ab_fca_batched.py
+keep 0.5; the loop is forced through `fca.batchable`. Best of 5 each. Usage: python benchmarks/ab_fca_batched.py
 """
 import numpy as np
 
 import minifca
 from minifca import fca as F
 from minifca.assets import default_model_path
-from _timing import best_ms
+from minifca.bench import best_ms
 
 model = minifca.from_pretrained(default_model_path(), backend="numba")
 rng = np.random.default_rng(0)

@@ -1,14 +1,14 @@
 """Do the weights' memory reads slow the products down? 12 layers' distinct bert-base-shaped weights
 (340 MiB, streamed from memory) against one layer's weights 12 times (in cache), at 128 / 64 / 32 rows,
 through `kernels/cpu._xwt`; best of 5. Also the read bandwidth of one pass over 340 MiB.
-Usage: python scripts/gemm_streamed.py
+Usage: python benchmarks/gemm_streamed.py
 """
 import time
 
 import numpy as np
 
 from minifca.kernels.cpu import _xwt
-from _timing import best_ms
+from minifca.bench import best_ms
 
 rng = np.random.default_rng(0)
 shapes = [(768, 768)] * 4 + [(3072, 768), (768, 3072)]

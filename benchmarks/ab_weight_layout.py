@@ -5,7 +5,7 @@ Also the products alone at the row counts they see (8 to 2048 rows).
 
 Timed by the CPU time each call uses, best of --runs, on --threads threads (default 1: on a loaded machine a
 call's wall clock is the scheduler's; its CPU time on one thread is its own).
-Usage, from the repository root: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python scripts/ab_weight_layout.py
+Usage, from the repository root: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/ab_weight_layout.py
 """
 import argparse
 import os

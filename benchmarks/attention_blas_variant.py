@@ -1,6 +1,6 @@
 """The attention core (kernels.cpu._attend) against a BLAS variant: batched np.matmul for q.k^T and p.V with a
 Numba softmax (+ FCA head mean) in between, one chunk of sequences at a time. Wall-clock, best of 15.
-Usage: python scripts/attention_blas_variant.py   (NUMBA_NUM_THREADS / OPENBLAS_NUM_THREADS to pin threads)
+Usage: python benchmarks/attention_blas_variant.py   (NUMBA_NUM_THREADS / OPENBLAS_NUM_THREADS to pin threads)
 """
 import math
 
@@ -8,7 +8,7 @@ import numba as nb
 import numpy as np
 
 from minifca.kernels import cpu
-from _timing import best_ms
+from minifca.bench import best_ms
 
 F32 = np.float32
 

@@ -3,7 +3,7 @@
 CE (gold labels) + KL to the teacher (the shared fine-tune, no FCA), both with the FCA schedule on, through
 the numba forward, and FCA's accuracy on the same sentences: did `minifca distill` improve what it optimises?
 
-    python scripts/distill_train_loss.py ../shared/models/minilm-l6-sst2 weights/sst2_050_hard_distilled-step400
+    python benchmarks/distill_train_loss.py ../shared/models/minilm-l6-sst2 weights/sst2_050_hard_distilled-step400
 """
 import sys
 from pathlib import Path

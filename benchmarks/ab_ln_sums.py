@@ -1,13 +1,13 @@
 """residual + LayerNorm (`kernels/cpu._add_layer_norm_rows`) compiled with and without reassociation of its
 float64 sums (`_SUMS`), on 1 and 2 threads, at the row counts of batch 1 and batch 8 (hidden 384, 768);
 both variants compiled here from the same Python function, alternating; best of 50 each.
-Usage: python scripts/ab_ln_sums.py
+Usage: python benchmarks/ab_ln_sums.py
 """
 import numba as nb
 import numpy as np
 
 from minifca.kernels import cpu
-from _timing import best_ms
+from minifca.bench import best_ms
 
 plain = nb.njit(parallel=True)(cpu._add_layer_norm_rows.py_func)
 sums = nb.njit(parallel=True, fastmath=cpu._SUMS)(cpu._add_layer_norm_rows.py_func)

@@ -4,7 +4,7 @@ of the wall clock and of the CPU time the process used (all threads: on a loaded
 preempted in every one of n tries, and its CPU time is then the steadier figure; run with OPENBLAS_NUM_THREADS=1
 for a one-core comparison that preemption cannot touch).
 
-Usage, from the repository root: python scripts/ab_fused_qkv.py [--n 20] [--rounds 3]
+Usage, from the repository root: python benchmarks/ab_fused_qkv.py [--n 20] [--rounds 3]
 """
 import argparse
 import sys
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import time  # noqa: E402
 
-from _timing import best_ms  # noqa: E402
+from minifca.bench import best_ms  # noqa: E402
 
 from minifca.kernels import cpu  # noqa: E402
 

@@ -6,7 +6,7 @@ with the ratio of step rates (minifca / torch: > 1 means minifca is faster). min
 and with the Numba kernels of minifca.kernels.cpu_grad (what distill uses), each also with the FCA schedule;
 --profile prints a profile of minifca's step.
 
-    OPENBLAS_CORETYPE= OPENBLAS_L2_SIZE= python scripts/ab_train_step.py [--batch 32] [--profile]
+    OPENBLAS_CORETYPE= OPENBLAS_L2_SIZE= python benchmarks/ab_train_step.py [--batch 32] [--profile]
 """
 from __future__ import annotations
 
@@ -19,14 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
+from minifca.assets import shared_path
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(SHARED / "models" / "minilm-l6-sst2"))
-    ap.add_argument("--data", default=str(SHARED / "data" / "sst2" / "train.tsv"))
+    ap.add_argument("--model", default=str(shared_path("sst2_model")))
+    ap.add_argument("--data", default=str(shared_path("sst2_train")))
     ap.add_argument("--schedule", default=str(ROOT / "docs" / "schedules" / "sst2_050_hard.json"))
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--words", type=int, default=20, help="sentences of about this many words (the batch's length)")

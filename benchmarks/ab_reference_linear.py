@@ -1,6 +1,6 @@
 """The reference's `linear` as one 2-D product against `x @ w.T` on [B, n, in] (B small products), whole
 numpy-backend forwards, alternating, medians of 5; random MiniLM-L6-shaped checkpoint from `minifca bench`.
-Usage, from the repository root: python scripts/ab_reference_linear.py
+Usage, from the repository root: python benchmarks/ab_reference_linear.py
 """
 import minifca
 from minifca import bench, reference as R

@@ -7,7 +7,7 @@ Prints per model and shape: CPU ms per forward for numba, ORT and numba with FCA
 (ORT ms / numba ms: >= 1 means numba is ahead), FCA's speedup, its FLOPs ratio and efficiency (speedup x FLOPs ratio).
 Also the BLAS in use (the kernel OpenBLAS picked) and any OPENBLAS_CORETYPE override.
 Usage, from the repository root (env -u keeps OpenBLAS's own kernel choice):
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python scripts/cpu_ms_vs_ort.py [--runs 7]
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/cpu_ms_vs_ort.py [--runs 7]
 """
 import argparse
 import os

@@ -2,7 +2,7 @@
 
 all-MiniLM-L6-v2 (the pip-shipped default), random ids, keep 0.5 (weighted) at (batch, length) = (1, 128),
 (8, 128), (32, 64); both variants interleaved, best of 7 each, plus the reduction alone on one layer's
-shapes. Usage: OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 python scripts/ab_fca_kernel.py
+shapes. Usage: OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 python benchmarks/ab_fca_kernel.py
 """
 import numpy as np
 
@@ -10,7 +10,7 @@ import minifca
 from minifca import fca as F
 from minifca.assets import default_model_path
 from minifca.kernels import cpu
-from _timing import best_ms
+from minifca.bench import best_ms
 
 model = minifca.from_pretrained(default_model_path(), backend="numba")
 cfg = F.FCAConfig(keep=0.5)

@@ -1,6 +1,6 @@
 """Host-side profile (cProfile) of the cuda backend's forward, full and FCA keep 0.5, on a random
 MiniLM-L6-shaped and bert-base-shaped checkpoint. Usage on a GPU machine:
-python scripts/profile_cuda_fca.py WEIGHTS_DIR   (checkpoints written there by minifca bench)
+python benchmarks/profile_cuda_fca.py WEIGHTS_DIR   (checkpoints written there by minifca bench)
 """
 import cProfile
 import io

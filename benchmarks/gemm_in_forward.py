@@ -3,7 +3,7 @@
 Random-weight bert-base (`minifca bench` writes it to weights/bench/bert-base), 1 x 128 random ids; every
 weight product (`kernels/cpu._xwt`) is timed inside the best of 5 forwards, and the same products are
 then run back to back on fresh arrays of the same shapes. Prints the row counts the products ran on.
-Usage: python scripts/gemm_in_forward.py [checkpoint folder]
+Usage: python benchmarks/gemm_in_forward.py [checkpoint folder]
 """
 import collections
 import sys

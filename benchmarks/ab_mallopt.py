@@ -2,7 +2,7 @@
 
 Each (backend, setting) runs in its own process (`MINIFCA_MALLOPT=0` turns the setting off), two rounds,
 random MiniLM-L6-shaped checkpoint from `minifca bench` (weights/bench/minilm-l6), medians of 5.
-Usage, from the repository root: python scripts/ab_mallopt.py
+Usage, from the repository root: python benchmarks/ab_mallopt.py
 """
 import os
 import subprocess

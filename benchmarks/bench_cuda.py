@@ -1,6 +1,6 @@
 """backend="cuda" on a GPU: parity with the NumPy reference and speed against torch CUDA fp32.
 
-    python scripts/bench_cuda.py [--model PATH] [--random-bert-base] [--sentences FILE]
+    python benchmarks/bench_cuda.py [--model PATH] [--random-bert-base] [--sentences FILE]
                                  [--batch 32] [--length 128] [--keep 0.5] [--no-parity] [--json OUT]
                                  [--tiles NAME] [--matmul-only] [--profile]
 
@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import minifca  # noqa: E402
+from minifca import bench  # noqa: E402
 from minifca.fca import FCAConfig  # noqa: E402
 from minifca.kernels import cuda as cuda_mod  # noqa: E402
 from minifca.bench_cuda import bench_cuda, bench_matmul, format_rows, kernel_profile, parity  # noqa: E402
@@ -35,15 +36,7 @@ PARITY_RULES = [None, FCAConfig(keep=0.5), FCAConfig(keep=0.3, score="cls_attent
 
 
 def random_bert_base(folder, seed=0):
-    import torch
-    import transformers
-    torch.manual_seed(seed)
-    model = transformers.BertModel(transformers.BertConfig()).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    model.save_pretrained(folder, safe_serialization=True)
-    return Path(folder)
+    return bench.write_random_checkpoint(folder, seed, perturb=0.02)   # bert-base: BertConfig's defaults
 
 
 def batches(model, sentences, batch, length, seed=0):

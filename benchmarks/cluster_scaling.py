@@ -6,7 +6,7 @@ The serial run is this process at one thread (NUMBA/OMP/OPENBLAS_NUM_THREADS=1, 
 workers one thread each; the cluster's start and a warm-up task (each worker loading the checkpoint and Numba's
 cached kernels) are timed apart from the grid. All rows are checked equal to the serial run's.
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python scripts/cluster_scaling.py [--examples 256] [--workers 1,2]
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/cluster_scaling.py [--examples 256] [--workers 1,2]
 """
 import argparse
 import os

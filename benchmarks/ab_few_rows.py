@@ -1,7 +1,7 @@
 """A/B of kernels.cpu.FEW_ROWS (w @ x^T for few rows) on random bert-base / MiniLM-L6 checkpoints.
 
 Both variants alternate run by run in one process (this VM's timings drift by up to 35% between
-minutes); medians of 25. Usage, from the repository root: python scripts/ab_few_rows.py minilm-l6
+minutes); medians of 25. Usage, from the repository root: python benchmarks/ab_few_rows.py minilm-l6
 """
 import sys
 import time

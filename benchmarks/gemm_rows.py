@@ -1,11 +1,11 @@
 """x @ w^T + b against (w @ x^T)^T + b (the transposed copy included) through NumPy's BLAS, by row count.
 
-Usage: python scripts/gemm_rows.py   (best of 20 per case; the weight shapes of MiniLM-L6 and bert-base)
+Usage: python benchmarks/gemm_rows.py   (best of 20 per case; the weight shapes of MiniLM-L6 and bert-base)
 With torch importable, also torch.nn.functional.linear (same threads) against NumPy's best form.
 """
 import numpy as np
 
-from _timing import best_ms
+from minifca.bench import best_ms
 
 
 def x_wt(x, w, b):

@@ -1,7 +1,7 @@
 """The real workload: mixed-length SST-2 sentences embedded (all-MiniLM-L6-v2) and classified (minilm-l6-sst2),
 minifca beside the ways people run the same job, texts/s side by side in one run.
 
-Usage: python scripts/bench_workload.py [--limit 5000] [--batch-size 32] [--repeats 1] [--threads N]
+Usage: python benchmarks/bench_workload.py [--limit 5000] [--batch-size 32] [--repeats 1] [--threads N]
                                         [--engines minifca torch-loop torch-sorted onnxruntime] [--json]
 Each engine's wall-clock time and its process's CPU time are reported; on a loaded machine run it with
 --threads 1 and read the CPU-time ratios.
@@ -35,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
+from minifca.assets import shared_path
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MINIFCA_SHARED", ROOT.parent / "shared"))
-TRAIN = SHARED / "data" / "sst2" / "train.tsv"
-SST2_MODEL = SHARED / "models" / "minilm-l6-sst2"
+TRAIN, SST2_MODEL = shared_path("sst2_train"), shared_path("sst2_model")
 ENGINES = ["minifca", "minifca-given", "torch-loop", "torch-sorted", "onnxruntime"]
 DEFAULT_ENGINES = ["minifca", "torch-loop", "torch-sorted", "onnxruntime"]
 LABELS = {"minifca": "minifca (numba, sorted)", "minifca-given": "minifca, given order",
