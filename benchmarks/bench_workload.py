@@ -19,7 +19,7 @@ All embed engines truncate at the checkpoint's max_seq_length (256), mean-pool a
 "max |diff|" checks that each one computed the same vectors (probabilities) as minifca.
 
 The benchmark, not the library, unsets OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE for its workers (this machine's
-override, which users do not have: see DESIGN.md §6); --keep-openblas-env keeps them. The BLAS kernel NumPy
+override, which users do not have); --keep-openblas-env keeps them. The BLAS kernel NumPy
 uses in the minifca worker is printed (threadpoolctl).
 """
 from __future__ import annotations

@@ -1,17 +1,17 @@
 """Three process-wide settings minifca makes when it is imported, before NumPy loads (no NumPy import here).
 
 1. OpenBLAS's idle threads spin for 2**28 cycles (~0.1 s) after every product by default and so take
-   the cores from the Numba loops between two products: on 16 cores the numba forward ran 1.8-2.1x
-   slower for it (MiniLM 8x128: 147.6 ms at the default, 69.7 ms at 2**12; BENCHMARKS.md).
+   the cores from the Numba loops between two products: on 16 cores the numba forward ran about twice
+   as slow for it (BENCHMARKS.md, "CPU on 16 cores").
    `OPENBLAS_THREAD_TIMEOUT=12` unless set. OpenBLAS reads it once, when NumPy is first imported: a
    program that imports NumPy before minifca should export it itself.
 2. glibc's malloc hands every block of >= 128 KiB to the kernel and back (mmap/munmap, or trimming the
    heap top), so each large NumPy temporary of a forward can be fresh pages, faulted in one by one; once
    `import numba` has come after NumPy's first large arrays the adaptive threshold stays low, and the
-   same erf over [128, 1536] took 2.2-2.6 ms instead of 0.54 ms. `mallopt` keeps blocks under 256 MiB in
-   the heap and up to 256 MiB of free memory at its top (peak RSS after load + one forward unchanged
-   within 4%): the numpy backend's MiniLM forward 1.1-1.7x faster, the numba backend's unchanged within
-   run-to-run noise (BENCHMARKS.md). Skipped when MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set, off with
+   same element-wise work took several times longer. `mallopt` keeps blocks under 256 MiB in the heap
+   and up to 256 MiB of free memory at its top (peak RSS after load + one forward unchanged): the numpy
+   backend's forward faster, the numba backend's unchanged within run-to-run noise (BENCHMARKS.md,
+   benchmarks/ab_mallopt.py). Skipped when MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set, off with
    MINIFCA_MALLOPT=0, and where the C library has no mallopt (not glibc).
 3. Numba's threading layer is TBB (`tbb` wheel) instead of GNU OpenMP, so that torch in the same process
    neither slows minifca down nor is slowed by it: see `choose_threading_layer`, and
@@ -74,9 +74,9 @@ def choose_threading_layer():
     TBB is not an OpenMP runtime, so nothing else in the process can take over its pool: torch loads its own
     libgomp with RTLD_GLOBAL, and a Numba `omp` pool started after that binds GOMP_parallel to torch's
     runtime (LD_DEBUG=bindings shows it), whose wait policy was read when torch loaded: its threads spin
-    after every Numba loop and starve the OpenBLAS product that follows (MiniLM 8x128 2.2x slower). Setting
+    after every Numba loop and starve the OpenBLAS product that follows (benchmarks/beside_torch.py). Setting
     OMP_WAIT_POLICY ourselves did that work only when no runtime had started yet, and leaked into torch's
-    runtime when torch came second (torch 1.7x slower with idle threads asleep between its parallel regions).
+    runtime when torch came second (torch slower, with idle threads asleep between its parallel regions).
     TBB is also safe for calls from several Python threads at once (workqueue aborts) and after fork.
     Returns the path of the libtbb loaded, or None."""
     if "NUMBA_THREADING_LAYER" in os.environ:

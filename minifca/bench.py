@@ -85,7 +85,7 @@ def blas_info():
     """The BLAS libraries NumPy's products run on, as threadpoolctl sees them: library, version, kernel
     (OpenBLAS's `architecture` is the core type whose kernels it picked: SkylakeX, Haswell, ...), and any
     OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE override in the environment (OpenBLAS then runs the kernel it names,
-    not the one it would pick for this CPU: sgemm 234 instead of ~450 GFLOP/s with Haswell on AVX-512 cores)."""
+    not the one it would pick for this CPU, and sgemm can run at half its rate)."""
     from threadpoolctl import threadpool_info
     libs = [{"library": i["internal_api"], "version": i.get("version"), "kernel": i.get("architecture"),
              "threading": i.get("threading_layer"), "threads": i.get("num_threads"),

@@ -24,7 +24,7 @@ from .data import SINGLE_COLUMNS
 from .errors import InputError
 from .progress import progress
 
-WINDOW = 8192   # texts tokenized, sorted and held at once: sorting 8,192 instead of all keeps padding under 1.05x
+WINDOW = 8192   # texts tokenized, sorted and held at once: sorting a window instead of all keeps padding small
 
 
 # ---------------------------------------------------------------- reading

@@ -1,4 +1,4 @@
-"""Analytic FLOPs (2 x multiply-adds), counted over valid units only (DESIGN §1).
+"""Analytic FLOPs (2 x multiply-adds), counted over valid units only (docs/fca.md).
 
 Per encoder layer, with n units entering it, k fine + c coarse units leaving selection,
 m units merged into the c coarse ones, h heads:

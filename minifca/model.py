@@ -202,8 +202,7 @@ class Model:
     def batches(self, texts, pairs=None, batch_size=32, max_length=None, truncation=None):
         """(rows, Encoding) per batch of `batch_size` texts, longest first; rows [b] are the batch's positions
         in `texts`. Sorted by token count, each batch pads to a length its texts share (sentence-transformers'
-        encode sorts too): 5,000 SST-2 sentences in batches of 32 compute 2.97x their tokens in the given
-        order, 1.01x sorted (tests/test_embed.py counts it)."""
+        encode sorts too), so little padding is computed (tests/test_embed.py counts it on SST-2 sentences)."""
         texts, pairs = _texts(texts, pairs, batch_size)
         if self.tokenizer is None:
             raise InputError(f"{self.path}: this checkpoint has no tokenizer; call forward() with input_ids")

@@ -288,8 +288,8 @@ def load_state(files: list[Path], cfg: BertConfig, mmap: bool = True) -> dict[st
 def _check_finite(arr, name, where, chunk=1 << 22):
     """CheckpointError naming the tensor and the first bad position if `arr` holds a NaN or an inf.
 
-    np.isfinite in chunks of 4M values (a 16 MiB float32 slice, 4 MiB of booleans at a time): 5 ms
-    for MiniLM's 30522 x 768 embedding here, faster than one float64 sum (18 ms).
+    np.isfinite in chunks of 4M values (a 16 MiB float32 slice, 4 MiB of booleans at a time), which is
+    faster than one float64 sum over the tensor.
     """
     flat = arr.reshape(-1)
     for lo in range(0, flat.size, chunk):

@@ -1,4 +1,4 @@
-"""Issue 2: "each checkpoint shape also through safetensors files written in fp16 and split into shards" —
+"""Each checkpoint shape also through safetensors files written in fp16 and split into shards:
 for the two real checkpoints (all-MiniLM-L6-v2, the SST-2 fine-tune) and the bert-base shape, not only the
 hypothesis-drawn small shapes of test_parity.py."""
 from __future__ import annotations

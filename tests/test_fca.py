@@ -1,4 +1,4 @@
-"""FCA in the NumPy reference (DESIGN §1): selection, aggregation, sizes, batching, schedules, CLI."""
+"""FCA in the NumPy reference (docs/fca.md): selection, aggregation, sizes, batching, schedules, CLI."""
 from __future__ import annotations
 
 import itertools

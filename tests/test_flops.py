@@ -1,4 +1,4 @@
-"""Analytic FLOPs (DESIGN §1): hand-checked counts on a tiny model, both baselines, monotone in keep."""
+"""Analytic FLOPs (docs/fca.md): hand-checked counts on a tiny model, both baselines, monotone in keep."""
 from __future__ import annotations
 
 import numpy as np

@@ -6,7 +6,7 @@ against it (tests/test_kernels.py). What changes is how the work is done, not wh
 - matrix products with the weights go through BLAS (NumPy's matmul); Numba would need scipy
   to reach BLAS itself, and a hand-written loop is slower than OpenBLAS at these shapes. For a
   few rows (short sentences, sequences FCA has shortened) the product runs as w @ x^T, which
-  OpenBLAS does up to 2x faster there (`_xwt`); from_pretrained lays the encoder's weights out once
+  OpenBLAS does faster there (`_xwt`; docs/bench_numba.md); from_pretrained lays the encoder's weights out once
   (`lay_out`) so that every product is BLAS's no-transpose one, faster still at every row count;
 - everything between two matrix products is one parallel Numba loop over rows: bias +
   activation, residual + LayerNorm, embedding gather + LayerNorm;
@@ -19,22 +19,22 @@ against it (tests/test_kernels.py). What changes is how the work is done, not wh
   statistics the attention loop accumulated (or, for hidden_norm, one NumPy reduction);
 - exp (softmax, and the erf/tanh of the activations) is `_exp`, built from float32 arithmetic
   and a bitcast so its loops vectorise: libm's scalar expf/erff made softmax and GELU the
-  largest non-GEMM costs (GELU over [1024, 1536]: 34 ms -> 1.5 ms on one core).
+  largest non-GEMM costs (docs/bench_numba.md).
 
 Non-finite input (a NaN or inf that reaches a kernel) gives NaN or inf out, never an exception from
 inside a compiled loop: every kernel is compiled with NumPy's error model (`_jit`), so a softmax row
 whose sum is 0 or NaN divides as NumPy would instead of raising ZeroDivisionError.
 
 Fastmath only inside `_softmax_row` (the max and the sum may be reassociated, so they vectorise;
-softmax 4x cheaper), in the LayerNorm loops (reassociation only: their float64 sums vectorise;
-residual + LayerNorm over [128, 384] 90 -> 20 us on one thread, benchmarks/ab_ln_sums.py) and FMA contraction in attention; every row is still computed by one thread in
+softmax several times cheaper), in the LayerNorm loops (reassociation only: their float64 sums vectorise;
+benchmarks/ab_ln_sums.py) and FMA contraction in attention; every row is still computed by one thread in
 a fixed order by the same compiled code, so the same input gives bit-identical output run to run,
 whatever the scheduling.
 
 Threads: Numba's pool and OpenBLAS's pool take turns on the same cores. Numba's pool is TBB where the `tbb`
 wheel is installed (`minifca/_process.py` says why: no OpenMP runtime of torch's can take it over);
 on GNU OpenMP, threads that spin after a parallel loop starve the next BLAS call (measured: a
-1024x768x3072 GEMM followed by a LayerNorm took 160 ms instead of 98 ms on 2 cores), so idle OpenMP
+GEMM followed by a LayerNorm took over 1.5 times as long on 2 cores), so idle OpenMP
 threads are asked to sleep there. The other way round, OpenBLAS's idle threads spin ~0.1 s after each
 product and starve the Numba loops; `_process.py` shortens that (OPENBLAS_THREAD_TIMEOUT, read when NumPy loads).
 """
@@ -462,10 +462,10 @@ def _xwt(x2, w):
     """[R, in] @ [out, in]^T through BLAS, with no copy of the weight.
 
     A weight laid out by `lay_out` (Fortran order) makes this BLAS's no-transpose product: that, always.
-    For a weight in the checkpoint's layout (C order, memory-mapped): with few rows (a short sentence, or a batch FCA has shortened) OpenBLAS's sgemm runs the same
-    product up to 2x faster as w @ x^T (weight as the left operand), measured with the transposed
-    copy back included: 1.5-2x at 8-32 rows, 1.1-1.2x at 64, even at 96-128, slower from 128
-    (docs/bench_numba.md). The result is then a transposed view.
+    For a weight in the checkpoint's layout (C order, memory-mapped): with few rows (a short sentence, or a
+    batch FCA has shortened) OpenBLAS's sgemm runs the same product faster as w @ x^T (weight as the left
+    operand), the transposed copy back included, up to ~96 rows, and slower from 128 (benchmarks/gemm_rows.py,
+    docs/bench_numba.md). The result is then a transposed view.
     """
     if w.flags.f_contiguous and not w.flags.c_contiguous:
         return np.matmul(x2, w.T)                                    # [R, in] @ [in, out], C-contiguous
