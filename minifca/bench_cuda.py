@@ -21,7 +21,7 @@ import numpy as np
 
 from . import bench, reference
 from .errors import BackendError
-from .fca import FCAConfig, sequence_keys
+from .fca import FCAConfig, sequence_seeds
 from .model import from_pretrained
 
 
@@ -35,7 +35,7 @@ def bench_matmul(M, K, N, tiles, repeats=20) -> dict:
     x, w, b = (cuda.to_device(rng.standard_normal(s).astype(np.float32)) for s in ((M, K), (N, K), (N,)))
     ms = bench.median_ms(lambda: ops._linear(x, w, b), repeats, 3, cuda.synchronize)
     out = {"tiles": tiles, "shape": [M, K, N], "ms": ms, "tflops": 2 * M * K * N / ms / 1e9}
-    kern = ops.k.matmul_bias_act
+    kern = ops.kern.matmul_bias_act
     try:
         one = lambda d: next(iter(d.values())) if isinstance(d, dict) else d  # {signature: value}
         ptx = one(kern.inspect_asm())
@@ -46,14 +46,14 @@ def bench_matmul(M, K, N, tiles, repeats=20) -> dict:
     return out
 
 
-HOST_FCA = {"fca counts (host)": "device_plan", "fca plan (host)": "reduce_plan"}  # label: function of kernels/cuda
+HOST_FCA = {"fca counts (host)": "count_units", "fca plan (host)": "decide_on_host"}  # label: function of kernels/cuda
 
 
 def kernel_profile(model, ids, mask, fca: FCAConfig | None = None, repeats=3) -> dict:
     """Where one forward's time goes: ms per kernel (each launch synchronised, so launch gaps are
     counted), FCA's host work, and the rest (transfers, Python), per forward. The host work is
-    "fca counts (host)" (`device_plan`: the counts of the rules decided on the device) or
-    "fca plan (host)" (`reduce_plan`: every decision, for the other rules and for trace)."""
+    "fca counts (host)" (`count_units`: the counts of the rules decided on the device) or
+    "fca plan (host)" (`decide_on_host`: every decision, for the other rules and for trace)."""
     from numba import cuda
     from .kernels import cuda as kc
     from .kernels.cuda import KERNEL_NAMES
@@ -77,12 +77,12 @@ def kernel_profile(model, ids, mask, fca: FCAConfig | None = None, repeats=3) ->
         def __getitem__(self, cfg):
             return timed(self.name, self.kern[cfg])
 
-    keys = sequence_keys(ids, mask) if fca is not None else None
+    seeds = sequence_seeds(ids, mask) if fca is not None else None
     tt = np.zeros_like(ids)
-    fwd = lambda: reference.bert_forward(model.params, model.config, ids, mask, tt, fca=fca, ops=ops, keys=keys)
+    fwd = lambda: reference.bert_forward(model.params, model.config, ids, mask, tt, fca=fca, ops=ops, seeds=seeds)
     fwd()
-    plain_k, plain_host = ops.k, {fn: getattr(kc, fn) for fn in HOST_FCA.values()}
-    ops.k = SimpleNamespace(**{**vars(plain_k), **{n: Launcher(n, getattr(plain_k, n)) for n in KERNEL_NAMES}})
+    plain_k, plain_host = ops.kern, {fn: getattr(kc, fn) for fn in HOST_FCA.values()}
+    ops.kern = SimpleNamespace(**{**vars(plain_k), **{n: Launcher(n, getattr(plain_k, n)) for n in KERNEL_NAMES}})
     for label, fn in HOST_FCA.items():
         setattr(kc, fn, timed(label, plain_host[fn]))
     try:
@@ -92,7 +92,7 @@ def kernel_profile(model, ids, mask, fca: FCAConfig | None = None, repeats=3) ->
         cuda.synchronize()
         total = (time.perf_counter() - t) / repeats
     finally:
-        ops.k = plain_k
+        ops.kern = plain_k
         for fn, f in plain_host.items():
             setattr(kc, fn, f)
     ms = {name: 1e3 * v / repeats for name, v in spent.items()}
@@ -103,8 +103,8 @@ def kernel_profile(model, ids, mask, fca: FCAConfig | None = None, repeats=3) ->
 def parity(model, ids, mask, fca: FCAConfig | None = None) -> dict:
     """Our CUDA forward vs reference.bert_forward on the same weights: max abs difference of the
     final valid units (and of every hidden state when fca is None), and whether FCA kept the same units."""
-    keys = sequence_keys(ids, mask) if fca is not None else None
-    kw = dict(fca=fca, keys=keys, output_hidden_states=fca is None)
+    seeds = sequence_seeds(ids, mask) if fca is not None else None
+    kw = dict(fca=fca, seeds=seeds, output_hidden_states=fca is None)
     got = reference.bert_forward(model.params, model.config, ids, mask, np.zeros_like(ids), ops=model.ops, **kw)
     want = reference.bert_forward(model.params, model.config, ids, mask, np.zeros_like(ids), **kw)
     same = got["mask"].shape == want["mask"].shape and np.array_equal(got["mask"], want["mask"])
@@ -140,8 +140,8 @@ def bench_cuda(model, ids, mask, fcas: dict | None = None, repeats=20, warmup=3,
     rows = []
 
     def ours(f):
-        keys = sequence_keys(ids, mask) if f is not None else None
-        return lambda: reference.bert_forward(model.params, model.config, ids, mask, tt, fca=f, ops=model.ops, keys=keys)
+        seeds = sequence_seeds(ids, mask) if f is not None else None
+        return lambda: reference.bert_forward(model.params, model.config, ids, mask, tt, fca=f, ops=model.ops, seeds=seeds)
 
     full = bench.median_ms(ours(None), repeats, warmup, cuda.synchronize)
     rows.append({"impl": "minifca cuda, full", "ms": full})

@@ -466,7 +466,7 @@ def merge(x, sizes, fine, rest, groups, w):
 class FCAState:
     """What FCA tracks across layers: per-layer unit counts (for FLOPs) and, if asked, the trace."""
     n_tokens: np.ndarray                      # [B] valid input tokens per sequence
-    keys: np.ndarray                          # [B] seeds of the random rule
+    seeds: np.ndarray                         # [B] seeds of the random rule, one per sequence
     units: list = field(default_factory=list)  # per layer: dict of [B] arrays n_in, n_out, n_merged, scored
     trace: list | None = None                 # per layer: per sequence: list of units
     members: list | None = None               # per sequence: [n, L] weight of each input position in each unit
@@ -474,13 +474,13 @@ class FCAState:
     n_fine: list | None = None                # per sequence: how many leading units are fine units
 
     @classmethod
-    def start(cls, mask, keys, trace):
+    def start(cls, mask, seeds, trace):
         n_tokens = mask.sum(1).astype(np.int64)
-        keys = np.zeros(len(mask), np.int64) if keys is None else np.asarray(keys)
+        seeds = np.zeros(len(mask), np.int64) if seeds is None else np.asarray(seeds)
         eye = np.eye(mask.shape[1])
         members = [eye[m > 0] for m in mask] if trace else None      # [n, L] unit u = its input position
         inside = [M.copy() for M in members] if trace else None
-        return cls(n_tokens, keys, [], [] if trace else None, members, inside, [int(n) for n in n_tokens])
+        return cls(n_tokens, seeds, [], [] if trace else None, members, inside, [int(n) for n in n_tokens])
 
     def record(self, layer, mask, merged=None, scored=None):
         n = mask.sum(1).astype(np.int64)
@@ -508,7 +508,7 @@ class FCAState:
         outs, n_in, n_merged, n_fine, scored = [], [], [], [], []
         for b in range(B):
             valid = np.flatnonzero(mask[b] > 0)
-            rng = np.random.default_rng([cfg.seed, layer, int(self.keys[b]) & 0xFFFFFFFF])
+            rng = np.random.default_rng([cfg.seed, layer, int(self.seeds[b]) & 0xFFFFFFFF])
             st = {name: v[b, valid] for name, v in stats.items()}
             fine, rest, groups, w = reduce_sequence(cfg, layer, x[b, valid], sizes[b, valid], st,
                                                     keys[b, valid], rng, int(self.n_tokens[b]))
@@ -668,7 +668,7 @@ def _describe(M, S, n_fine):
     return units
 
 
-def sequence_keys(ids, mask):
+def sequence_seeds(ids, mask):
     """A seed per sequence from its own tokens, so `random` gives the same alone or in a batch."""
     return np.array([zlib.crc32(np.ascontiguousarray(i[m > 0], dtype=np.int64).tobytes()) for i, m in zip(ids, mask)],
                     dtype=np.int64)

@@ -264,14 +264,14 @@ def check_trainable(cfg):
                           f"by it (train with one of {', '.join(SCORE_BACKWARDS)}, or a size-weighted aggregate)")
 
 
-def fca_forward(cfg, layer, x, mask, sizes, stats, keys, seq_keys, n_tokens):
+def fca_forward(cfg, layer, x, mask, sizes, stats, keys, seeds, n_tokens):
     """FCAState.reduce, one sequence at a time through fca.reduce_sequence and fca.merge (the same units,
     order and values), keeping each sequence's selection: x [B, n, H] -> x [B, n', H], mask, sizes [B, n']."""
     B, n, H = x.shape
     rows = []
     for b in range(B):
         valid = np.flatnonzero(mask[b] > 0)                          # [v]
-        rng = np.random.default_rng([cfg.seed, layer, int(seq_keys[b]) & 0xFFFFFFFF])  # as FCAState.reduce
+        rng = np.random.default_rng([cfg.seed, layer, int(seeds[b]) & 0xFFFFFFFF])  # as FCAState.reduce
         st = {name: s[b, valid] for name, s in stats.items()}
         fine, rest, groups, w = fca_mod.reduce_sequence(cfg, layer, x[b, valid], sizes[b, valid], st,
                                                         keys[b, valid], rng, int(n_tokens[b]))
@@ -361,12 +361,12 @@ def layer_backward(dy, cache, p, cfg, fca=None, ops=None):
     return d_x + d_s1, {"attn": g_attn, "attn_ln": g_attn_ln, "ffn": g_ffn, "ffn_ln": g_ffn_ln}
 
 
-def forward(params, cfg, ids, mask, tt, fca=None, dropout=0.0, attn_dropout=None, rng=None, keys=None, ops=None):
+def forward(params, cfg, ids, mask, tt, fca=None, dropout=0.0, attn_dropout=None, rng=None, seeds=None, ops=None):
     """The training forward: reference.bert_forward (plus the heads and mean pooling) with a cache.
 
     dropout: hidden dropout probability (embeddings, attention output, FFN output, before the
     classifier); attn_dropout: on the attention probabilities (default: dropout). No rng, no dropout.
-    keys: [B] seeds of FCA's random rule (fca.sequence_keys(ids, mask) when None). ops: where `activation`
+    seeds: [B] seeds of FCA's random rule (fca.sequence_seeds(ids, mask) when None). ops: where `activation`
     and `activation_backward` come from (this module, or the Numba kernels of minifca.kernels.cpu_grad).
     Returns ({last_hidden_state, mask, sizes, embeddings, pooler_output, logits}, cache).
     """
@@ -380,7 +380,7 @@ def forward(params, cfg, ids, mask, tt, fca=None, dropout=0.0, attn_dropout=None
     sizes = mask.copy()                                              # [B, n]
     state = None
     if fca is not None:
-        state = (fca_mod.sequence_keys(ids, mask) if keys is None else keys, mask.sum(1).astype(np.int64))
+        state = (fca_mod.sequence_seeds(ids, mask) if seeds is None else seeds, mask.sum(1).astype(np.int64))
     layers = []
     for layer, p in enumerate(params["layers"]):
         x, mask, sizes, c = layer_forward(x, mask, sizes, p, cfg, fca, layer, state, p_hidden, p_attn, rng, ops)

@@ -12,7 +12,7 @@ import numpy as np
 from . import reference, threadlimit
 from .config import BertConfig
 from .errors import BackendError, CheckpointError, ConfigError, InputError
-from .fca import FCAConfig, sequence_keys
+from .fca import FCAConfig, sequence_seeds
 from .flops import head_flops, model_flops
 from .progress import progress
 from .sentence import SentenceConfig, l2_normalize, pool
@@ -160,7 +160,7 @@ class Model:
                                   f"token, and FCA merges tokens: run it without fca")
         with getattr(self.ops, "one_at_a_time", nullcontext)():      # Numba's workqueue layer: forwards take turns
             r = reference.bert_forward(self.params, cfg, ids, mask, tt, fca=fca, ops=self.ops,
-                                       keys=sequence_keys(ids, mask) if fca is not None else None,
+                                       seeds=sequence_seeds(ids, mask) if fca is not None else None,
                                        output_hidden_states=output_hidden_states,
                                        output_attentions=output_attentions, trace=trace)
         x, m = r["last_hidden_state"], r["mask"]

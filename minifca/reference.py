@@ -176,11 +176,11 @@ def mean_pool(x, mask, sizes=None):
 # ---------------------------------------------------------------- the forward pass
 
 
-def bert_forward(params, cfg, ids, mask, tt, fca=None, ops=None, keys=None,
+def bert_forward(params, cfg, ids, mask, tt, fca=None, ops=None, seeds=None,
                  output_hidden_states=False, output_attentions=False, trace=False):
     """Embeddings -> layers (each optionally shortened by FCA) -> final units and heads.
 
-    ids, mask, tt: [B, L] integer arrays. fca: an FCAConfig or None. keys: [B] per-sequence
+    ids, mask, tt: [B, L] integer arrays. fca: an FCAConfig or None. seeds: [B] per-sequence
     integers that seed FCA's `random` rule (so a sequence gives the same alone or batched).
     Returns a dict: last_hidden_state, mask, sizes, hidden_states, attentions, units (per-layer
     counts for FLOPs), trace.
@@ -191,7 +191,7 @@ def bert_forward(params, cfg, ids, mask, tt, fca=None, ops=None, keys=None,
     mask = (np.asarray(mask) > 0).astype(np.float32)                 # [B, L] (the mask stays on the host)
     x = ops.embeddings(ids, tt, **params["embeddings"], eps=eps)     # [B, L, H]
     sizes = mask.copy()                                              # [B, n] input tokens per unit
-    state = fca_mod.FCAState.start(mask, keys, trace) if fca is not None else None
+    state = fca_mod.FCAState.start(mask, seeds, trace) if fca is not None else None
     scores_read_stats = fca is not None and fca_mod.score_facts(fca.score).stats
     hidden, attns = [ops.to_host(x)] if output_hidden_states else None, [] if output_attentions else None
     for layer, p in enumerate(params["layers"]):

@@ -177,7 +177,7 @@ def test_training_forward_equals_reference(tiny):
     for fca in (None, FCAConfig(keep=0.5), FCAConfig(keep=0.6, aggregate="clusters", clusters=2,
                                                      proportional_attention=True, score="cls_attention")):
         want = reference.bert_forward(model.params, model.config, ids, mask, tt, fca=fca,
-                                      keys=minifca.fca.sequence_keys(ids, mask))
+                                      seeds=minifca.fca.sequence_seeds(ids, mask))
         out, _ = grad.forward(model.params, model.config, ids, mask, tt, fca=fca)
         np.testing.assert_array_equal(out["mask"], want["mask"])
         np.testing.assert_array_equal(out["sizes"], want["sizes"])

@@ -148,7 +148,7 @@ def launches(monkeypatch, ops):
         def __getitem__(self, cfg):
             run = self.kern[cfg]
             return lambda *args: seen.append((self.name, [a.shape for a in args if np.ndim(a)])) or run(*args)
-    monkeypatch.setattr(ops, "k", SimpleNamespace(**{**vars(ops.k), **{n: Spy(n, getattr(ops.k, n))
+    monkeypatch.setattr(ops, "kern", SimpleNamespace(**{**vars(ops.kern), **{n: Spy(n, getattr(ops.kern, n))
                                                                          for n in KERNEL_NAMES}}))
     return seen
 
@@ -206,7 +206,7 @@ FCA_RULES = [
 
 
 def spy(monkeypatch, name):
-    """Record the layers at which kernels/cuda's `name` (reduce_plan or device_plan) runs."""
+    """Record the layers at which kernels/cuda's `name` (decide_on_host or count_units) runs."""
     calls, original = [], getattr(kc, name)
 
     def wrapped(state, layer, *args, **kw):
@@ -218,14 +218,14 @@ def spy(monkeypatch, name):
 
 @pytest.mark.parametrize("fca", FCA_RULES, ids=lambda f: f"{f.score}-{f.aggregate}")
 def test_forward_fca_matches_reference(ops, params, fca, monkeypatch):
-    """trace=True: every rule decides on the host (reduce_plan), and the trace is the reference's."""
-    from minifca.fca import sequence_keys
+    """trace=True: every rule decides on the host (decide_on_host), and the trace is the reference's."""
+    from minifca.fca import sequence_seeds
     ids, mask, tt = batch(5)
-    keys = sequence_keys(ids, mask)
-    host_calls, device_calls = spy(monkeypatch, "reduce_plan"), spy(monkeypatch, "device_plan")
-    got = reference.bert_forward(params, CFG, ids, mask, tt, ops=ops, fca=fca, keys=keys, trace=True)
+    seeds = sequence_seeds(ids, mask)
+    host_calls, device_calls = spy(monkeypatch, "decide_on_host"), spy(monkeypatch, "count_units")
+    got = reference.bert_forward(params, CFG, ids, mask, tt, ops=ops, fca=fca, seeds=seeds, trace=True)
     assert host_calls == [layer for layer in range(CFG.num_hidden_layers) if fca.active(layer)] and not device_calls
-    want = reference.bert_forward(params, CFG, ids, mask, tt, fca=fca, keys=keys, trace=True)
+    want = reference.bert_forward(params, CFG, ids, mask, tt, fca=fca, seeds=seeds, trace=True)
     assert np.array_equal(got["mask"], want["mask"]) and got["mask"].shape[1] < ids.shape[1]
     close(got["sizes"], want["sizes"])
     close(got["last_hidden_state"], want["last_hidden_state"])
@@ -288,25 +288,25 @@ def small_batch():
 @pytest.mark.parametrize("aggregate", ["drop", "mean", "weighted", "clusters"])
 @pytest.mark.parametrize("score", ["attention_received", "cls_attention", "hidden_norm", "attention_entropy"])
 def test_forward_fca_on_device_matches_reference(small, score, aggregate, monkeypatch):
-    """Every batchable rule: decided on the device (no reduce_plan), same units, sizes and states as the
+    """Every batchable rule: decided on the device (no decide_on_host), same units, sizes and states as the
     reference, and nothing copied back but the outputs (the last hidden states, the sizes)."""
-    from minifca.fca import sequence_keys
+    from minifca.fca import sequence_seeds
     ops, params = small
     ids, mask, tt = small_batch()
     fca = FCAConfig(keep=[4, 3], score=score, aggregate=aggregate, clusters=2 if aggregate == "clusters" else 1,
                     proportional_attention=aggregate != "drop")
-    keys = sequence_keys(ids, mask)
-    host_calls, device_calls = spy(monkeypatch, "reduce_plan"), spy(monkeypatch, "device_plan")
+    seeds = sequence_seeds(ids, mask)
+    host_calls, device_calls = spy(monkeypatch, "decide_on_host"), spy(monkeypatch, "count_units")
     copies = []
     array_type = type(ops.cuda.to_device(np.zeros(1)))
     plain_copy = array_type.copy_to_host
     monkeypatch.setattr(array_type, "copy_to_host", lambda self, *a, **kw: copies.append(self.shape) or
                         plain_copy(self, *a, **kw))
-    got = reference.bert_forward(params, CFG2, ids, mask, tt, ops=ops, fca=fca, keys=keys)
+    got = reference.bert_forward(params, CFG2, ids, mask, tt, ops=ops, fca=fca, seeds=seeds)
     monkeypatch.undo()
     assert host_calls == [] and device_calls == [0, 1]
     assert len(copies) == 2, copies                                      # last_hidden_state and sizes
-    want = reference.bert_forward(params, CFG2, ids, mask, tt, fca=fca, keys=keys)
+    want = reference.bert_forward(params, CFG2, ids, mask, tt, fca=fca, seeds=seeds)
     assert np.array_equal(got["mask"], want["mask"]) and got["mask"].shape[1] < ids.shape[1]
     assert np.array_equal(got["sizes"], want["sizes"]) and got["sizes"].dtype == want["sizes"].dtype
     close(got["last_hidden_state"], want["last_hidden_state"])
@@ -320,20 +320,20 @@ def test_forward_fca_layer_allocates_no_probs(small, score, attentions, monkeypa
     """A full layer (0), then an FCA layer (1), decided on the device or (random) on the host: the FCA
     layer runs attention_abar and no kernel sees or allocates [B, h, n, n], unless the attentions are
     asked for (then attention writes them and head_mean averages them for stats)."""
-    from minifca.fca import sequence_keys
+    from minifca.fca import sequence_seeds
     _, params = small
     ops = kc.CudaOps(params)                                              # a fresh workspace
     ids, mask, tt = small_batch()
-    fca, keys = FCAConfig(keep=0.5, score=score, start_layer=1, seed=2), sequence_keys(ids, mask)
+    fca, seeds = FCAConfig(keep=0.5, score=score, start_layer=1, seed=2), sequence_seeds(ids, mask)
     seen = launches(monkeypatch, ops)
-    got = reference.bert_forward(params, CFG2, ids, mask, tt, ops=ops, fca=fca, keys=keys, output_attentions=attentions)
+    got = reference.bert_forward(params, CFG2, ids, mask, tt, ops=ops, fca=fca, seeds=seeds, output_attentions=attentions)
     attn = [name for name, _ in seen if "attention" in name or name == "head_mean"]
     if attentions:
         assert attn == ["attention", "attention", "head_mean"]
     else:
         assert attn == ["attention", "attention_abar"] and no_probs_buffer(seen, ops), seen
         assert [s for name, s in seen if name == "attention_abar"] == [[(16, 24), (2, 8), (2, 8), (16, 8), (2, 8, 8)]]
-    want = reference.bert_forward(params, CFG2, ids, mask, tt, fca=fca, keys=keys, output_attentions=attentions)
+    want = reference.bert_forward(params, CFG2, ids, mask, tt, fca=fca, seeds=seeds, output_attentions=attentions)
     assert np.array_equal(got["mask"], want["mask"]) and got["mask"].shape[1] < ids.shape[1]
     close(got["last_hidden_state"], want["last_hidden_state"])
     for g, w in zip(got["attentions"] or [], want["attentions"] or []):
@@ -344,14 +344,14 @@ def test_forward_fca_layer_allocates_no_probs(small, score, attentions, monkeypa
                                  FCAConfig(keep=[5, 4], aggregate="similarity", clusters=2)],
                          ids=lambda f: f"{f.score}-{f.aggregate}")
 def test_forward_other_rules_decide_on_the_host(small, fca, monkeypatch):
-    from minifca.fca import sequence_keys
+    from minifca.fca import sequence_seeds
     ops, params = small
     ids, mask, tt = small_batch()
-    keys = sequence_keys(ids, mask)
-    host_calls, device_calls = spy(monkeypatch, "reduce_plan"), spy(monkeypatch, "device_plan")
-    got = reference.bert_forward(params, CFG2, ids, mask, tt, ops=ops, fca=fca, keys=keys)
+    seeds = sequence_seeds(ids, mask)
+    host_calls, device_calls = spy(monkeypatch, "decide_on_host"), spy(monkeypatch, "count_units")
+    got = reference.bert_forward(params, CFG2, ids, mask, tt, ops=ops, fca=fca, seeds=seeds)
     assert host_calls == [0, 1] and device_calls == []
-    want = reference.bert_forward(params, CFG2, ids, mask, tt, fca=fca, keys=keys)
+    want = reference.bert_forward(params, CFG2, ids, mask, tt, fca=fca, seeds=seeds)
     assert np.array_equal(got["mask"], want["mask"]) and got["mask"].shape[1] < ids.shape[1]
     close(got["sizes"], want["sizes"])
     close(got["last_hidden_state"], want["last_hidden_state"])
@@ -359,16 +359,16 @@ def test_forward_other_rules_decide_on_the_host(small, fca, monkeypatch):
 
 def test_a_rule_registered_in_one_place_is_decided_on_the_device(small, new_rules, monkeypatch):
     """`new_rules` registers a score and an aggregate with batched facts, and nothing else: their layers are
-    decided on the device (device_plan, no reduce_plan), with the per-sequence reference loop's units."""
-    from minifca.fca import sequence_keys
+    decided on the device (count_units, no decide_on_host), with the per-sequence reference loop's units."""
+    from minifca.fca import sequence_seeds
     ops, params = small
     ids, mask, tt = small_batch()
     score, aggregate = new_rules
-    fca, keys = FCAConfig(keep=[5, 3], score=score, aggregate=aggregate, clusters=2), sequence_keys(ids, mask)
-    host_calls, device_calls = spy(monkeypatch, "reduce_plan"), spy(monkeypatch, "device_plan")
-    got = reference.bert_forward(params, CFG2, ids, mask, tt, ops=ops, fca=fca, keys=keys)
+    fca, seeds = FCAConfig(keep=[5, 3], score=score, aggregate=aggregate, clusters=2), sequence_seeds(ids, mask)
+    host_calls, device_calls = spy(monkeypatch, "decide_on_host"), spy(monkeypatch, "count_units")
+    got = reference.bert_forward(params, CFG2, ids, mask, tt, ops=ops, fca=fca, seeds=seeds)
     assert host_calls == [] and device_calls == [0, 1]
-    want = reference.bert_forward(params, CFG2, ids, mask, tt, fca=fca, keys=keys, trace=True)  # one sequence at a time
+    want = reference.bert_forward(params, CFG2, ids, mask, tt, fca=fca, seeds=seeds, trace=True)  # one sequence at a time
     assert np.array_equal(got["mask"], want["mask"]) and got["mask"].shape[1] < ids.shape[1]
     assert np.array_equal(got["sizes"], want["sizes"])
     close(got["last_hidden_state"], want["last_hidden_state"])
@@ -395,7 +395,7 @@ def test_model_backend_cuda_uploads_once(tmp_path):
 
 def test_kernel_profile_accounts_for_the_forward(tmp_path):
     """bench_cuda.kernel_profile: every kernel of an FCA forward is timed, and the parts add up to the total;
-    the paper's rule is decided on the device, so the host only counts (no reduce_plan)."""
+    the paper's rule is decided on the device, so the host only counts (no decide_on_host)."""
     from conftest import write_random_checkpoint
     import minifca
     from minifca.bench_cuda import kernel_profile
@@ -410,7 +410,7 @@ def test_kernel_profile_accounts_for_the_forward(tmp_path):
     assert all(p["ms"][name] > 0 for name in launched + ["fca counts (host)"]), p
     assert all(p["ms"][name] == 0 for name in idle + ("fca plan (host)",)), p
     assert abs(sum(p["ms"].values()) - p["total_ms"]) < 1e-6 * p["total_ms"] + 1e-9
-    assert model.ops.k.matmul_bias_act is kc.kernels(True, kc.DEFAULT_TILES).matmul_bias_act  # restored
+    assert model.ops.kern.matmul_bias_act is kc.kernels(True, kc.DEFAULT_TILES).matmul_bias_act  # restored
 
 
 def _run(code, **env):

@@ -32,12 +32,12 @@ are wanted too does `attention` write them and `head_mean` average them for `sta
 FCA with rules registered as batched (`fca.batchable`: the built-in attention_received, cls_attention,
 attention_entropy, hidden_norm x drop, mean, weighted, clusters, and any rule registered with
 batched=True) runs on the device (`CudaOps.reduce`): the host only counts, from the mask, how many
-units each sequence keeps and makes (`fca.batch_plan`, in `device_plan`), and `fca_select` + `merge`
+units each sequence keeps and makes (`fca.batch_plan`, in `count_units`), and `fca_select` + `merge`
 pick, weigh and gather the units from the scores (a rule's registered `stat`, read where the GPU
 computed it; a rule without one is scored on the host); the statistics, hidden states and sizes are
 not copied back (the sizes once, at the end). The other rules (random, similarity, user-registered
 ones) and trace=True take their decisions on the host, by the reference's own `FCAState.reduce` on
-the statistics (and what the rules read) copied back (`reduce_plan`), and `merge` gathers.
+the statistics (and what the rules read) copied back (`decide_on_host`), and `merge` gathers.
 
 numba.cuda is imported on first use (`load_cuda`, `kernels`), not with this module. Under Numba's
 simulator (NUMBA_ENABLE_CUDASIM=1) the same kernels run with small tiles.
@@ -612,13 +612,13 @@ class CudaOps:
     takes the device arrays of `resident_params` and of its own outputs and gives device arrays back: a
     forward keeps the batch on the device between layers, the weights are uploaded once per model, and
     only what the loop hands `to_host` (the outputs) is copied back. FCA with the rules registered as
-    batched and no trace is decided on the device (`reduce`): the host only counts (`device_plan`).
+    batched and no trace is decided on the device (`reduce`): the host only counts (`count_units`).
     Build one per model with `ops_for`.
     """
 
     def __init__(self, params=None, tiles=DEFAULT_TILES):
-        self.k = kernels(simulated(), tiles)
-        self.cuda = self.k.cuda
+        self.kern = kernels(simulated(), tiles)   # the compiled kernels (a namespace)
+        self.cuda = self.kern.cuda
         self.params = params
         self.dev, self._qkv = upload_params(self.cuda, params) if params is not None else (None, {})
         self._ws = {}
@@ -636,15 +636,15 @@ class CudaOps:
         return flat[:size].reshape(shape)
 
     def _linear(self, x, w, b, act=0, out=None, name="lin"):          # [R, in] -> [R, out]
-        k = self.k
+        kern = self.kern
         M, N = x.shape[0], w.shape[0]
         out = self._buf(name, (M, N)) if out is None else out
-        grid = ((N + k.BN - 1) // k.BN, (M + k.BM - 1) // k.BM)
-        k.matmul_bias_act[grid, (k.TX, k.TY)](x, w, b, act, out)
+        grid = ((N + kern.BN - 1) // kern.BN, (M + kern.BM - 1) // kern.BM)
+        kern.matmul_bias_act[grid, (kern.TX, kern.TY)](x, w, b, act, out)
         return out
 
     def _add_ln(self, x, r, g, b, eps, out):                           # [R, H]
-        self.k.add_ln[x.shape[0], self.k.TPB](x, x if r is None else r, r is not None, g, b, np.float32(eps), out)
+        self.kern.add_ln[x.shape[0], self.kern.TPB](x, x if r is None else r, r is not None, g, b, np.float32(eps), out)
         return out
 
     def _embed(self, ids, tt, word, position, token_type, g, b, eps, out):  # [B, L] -> [B*L, H]
@@ -653,17 +653,17 @@ class CudaOps:
             raise BackendError(f"input length {L} exceeds the position table ({position.shape[0]})")
         ids_d = self.cuda.to_device(np.ascontiguousarray(ids, np.int64))
         tt_d = self.cuda.to_device(np.ascontiguousarray(tt, np.int64))
-        self.k.embed_gather[B * L, self.k.TPB](ids_d, tt_d, word, position, token_type, out)
+        self.kern.embed_gather[B * L, self.kern.TPB](ids_d, tt_d, word, position, token_type, out)
         return self._add_ln(out, None, g, b, eps, out)
 
     def _attention(self, x, mask, log_size, qkv_lin, o_lin, n_head, want_probs, want_stats):
         """x [B*n, H] (device), mask/log_size [B, n] (host or device) -> out [B*n, H], probs, stats, qkv (device)."""
-        k = self.k
+        kern = self.kern
         B, n = mask.shape
         H = x.shape[1]
         d = H // n_head
-        if n > k.MAXN or d > k.DMAX:
-            raise BackendError(f"backend 'cuda' supports sequences up to {k.MAXN} units and heads up to {k.DMAX} "
+        if n > kern.MAXN or d > kern.DMAX:
+            raise BackendError(f"backend 'cuda' supports sequences up to {kern.MAXN} units and heads up to {kern.DMAX} "
                                f"wide; got n={n}, head size {d}")
         qkv = self._linear(x, qkv_lin.w, qkv_lin.b, name="qkv")      # [B*n, 3H]
         ctx = self._buf("ctx", (B * n, H))                              # [B*n, H]
@@ -673,10 +673,10 @@ class CudaOps:
         probs = abar = None
         if want_stats and not want_probs:                               # an FCA layer: Abar only, h x smaller
             abar = self._buf("abar", (B, n, n))                         # [B, n, n]
-            k.attention_abar[(n, B), k.TPB](*args, abar)
+            kern.attention_abar[(n, B), kern.TPB](*args, abar)
         else:
             probs = self._buf("probs", (B, n_head, n, n)) if want_probs else self._buf("no_probs", (1, 1, 1, 1))
-            k.attention[(n, n_head, B), k.TPB](*args, probs, want_probs)
+            kern.attention[(n, n_head, B), kern.TPB](*args, probs, want_probs)
             if want_stats:
                 abar = self._head_mean(probs)                           # [B, h, n, n] -> [B, n, n]
         out = self._linear(ctx, o_lin.w, o_lin.b, name="attn_out")     # [B*n, H]
@@ -686,40 +686,40 @@ class CudaOps:
     def _head_mean(self, probs):                                        # [B, h, n, n] -> [B, n, n]
         B, _, n, _ = probs.shape
         abar = self._buf("abar", (B, n, n))
-        self.k.head_mean[(B * n * n + 127) // 128, 128](probs, abar)
+        self.kern.head_mean[(B * n * n + 127) // 128, 128](probs, abar)
         return abar
 
     def _stats(self, abar, mask_d):                                     # [B, n, n] -> {name: [B, n]}
         B, n, _ = abar.shape
         st = {name: self._buf("stat_" + name, (B, n)) for name in ("received", "cls", "entropy")}
-        self.k.stats[(B * n + 127) // 128, 128](abar, mask_d, st["received"], st["cls"], st["entropy"])
+        self.kern.stats[(B * n + 127) // 128, 128](abar, mask_d, st["received"], st["cls"], st["entropy"])
         return st
 
     def _merge(self, x, row_ptr, src, w, out):                          # [R, H] -> [R', H]
         cuda = self.cuda
         rp = cuda.to_device(row_ptr)
-        self.k.merge[out.shape[0], self.k.TPB](x, rp[:-1], rp[1:], cuda.to_device(src), cuda.to_device(w), out)
+        self.kern.merge[out.shape[0], self.kern.TPB](x, rp[:-1], rp[1:], cuda.to_device(src), cuda.to_device(w), out)
         return out
 
     def _fca_reduce(self, x, s, mask_d, sizes_d, plan, agg, new_x, new_sizes, log_sizes):
         """fca.reduce_batch on the device: x [B*n, H], scores s, mask_d, sizes_d [B, n] (device) and the
         host counts plan (k, c, active: [B] each) -> new_x [B*N, H], new_sizes, log_sizes [B, N] (device)."""
-        k = self.k
+        kern = self.kern
         B, n = mask_d.shape
         N = new_sizes.shape[1]
-        if n > k.MAXN:
-            raise BackendError(f"backend 'cuda' supports sequences up to {k.MAXN} units; got n={n}")
+        if n > kern.MAXN:
+            raise BackendError(f"backend 'cuda' supports sequences up to {kern.MAXN} units; got n={n}")
         lo, hi = self._buf("fca_lo", (B * N,), np.int32), self._buf("fca_hi", (B * N,), np.int32)
         src, w = self._buf("fca_src", (B * n,), np.int32), self._buf("fca_w", (B * n,), np.float64)
         plan_d = self.cuda.to_device(np.stack([plan.k, plan.c, plan.active], 1).astype(np.int32))  # [B, 3]
         if B * N:
-            k.fca_select[B, k.TPB](s, mask_d, sizes_d, plan_d, agg, lo, hi, src, w, new_sizes, log_sizes)
-            k.merge[B * N, k.TPB](x, lo, hi, src, w, new_x)
+            kern.fca_select[B, kern.TPB](s, mask_d, sizes_d, plan_d, agg, lo, hi, src, w, new_sizes, log_sizes)
+            kern.merge[B * N, kern.TPB](x, lo, hi, src, w, new_x)
         return new_x
 
     def _hidden_norms(self, x, B, n):                                   # [B*n, H] -> [B, n] float64
         s = self._buf("fca_score", (B, n), np.float64)
-        self.k.fca_norms[B * n, self.k.TPB](x, s)
+        self.kern.fca_norms[B * n, self.kern.TPB](x, s)
         return s
 
     # ------------------------------------------------------------ reference names, host arrays
@@ -822,7 +822,7 @@ class CudaOps:
 
     def reduce(self, state, layer, cfg, x, mask, sizes, stats, keys):
         """reference.reduce on the device: the rules registered as batched (no trace) decide there, the host
-        only counting (`device_plan`); the others decide on the host (`reduce_plan`, from the statistics and
+        only counting (`count_units`); the others decide on the host (`decide_on_host`, from the statistics and
         what the rules read, copied back) and the `merge` kernel gathers. Host arrays: the reference's."""
         if not _resident(x):
             return state.reduce(layer, cfg, x, mask, sizes, stats, keys, self.reduce_batch)
@@ -830,7 +830,7 @@ class CudaOps:
         x2 = x.reshape(B * n, H)
         self._x = 1 - self._x                                           # merge into the other buffer
         if state.batched(cfg):
-            plan = device_plan(state, layer, cfg, mask)                 # counts only: no scores needed
+            plan = count_units(state, layer, cfg, mask)                 # counts only: no scores needed
             N = plan.mask.shape[1]
             new_sizes, logs = self._buf(f"sizes{self._x}", (B, N)), self._buf("log_size", (B, N))
             new_x = self._fca_reduce(x2, self._scores(cfg.score, stats, x2, B, n), self._mask_dev(mask),
@@ -842,7 +842,7 @@ class CudaOps:
         kh = keys.copy_to_host()[:, H:2 * H].reshape(B, n, H) if not fca_mod.aggregate_facts(cfg.aggregate).batched \
             else None                                                   # batched aggregates read no keys
         stats = None if stats is None else {name: v.copy_to_host() for name, v in stats.items()}
-        row_ptr, src, w, mask, sizes = reduce_plan(state, layer, cfg, mask, self.to_host(sizes), stats, xh, kh)
+        row_ptr, src, w, mask, sizes = decide_on_host(state, layer, cfg, mask, self.to_host(sizes), stats, xh, kh)
         new_x = self._merge(x2, row_ptr, src, w, self._buf(f"x{self._x}", (B * mask.shape[1], H)))  # [B*n', H]
         return new_x.reshape(B, mask.shape[1], H), mask, sizes
 
@@ -871,7 +871,7 @@ class CudaOps:
 # ---------------------------------------------------------------- FCA: what the host decides
 
 
-def device_plan(state, layer, cfg, mask):
+def count_units(state, layer, cfg, mask):
     """The host's whole part of an FCA layer on the device path: how many units each sequence keeps
     and makes (`fca.batch_plan`, from the mask alone), recorded on the state (units for FLOPs)."""
     plan = fca_mod.batch_plan(cfg, layer, state.n_tokens, mask > 0)
@@ -879,7 +879,7 @@ def device_plan(state, layer, cfg, mask):
     return plan
 
 
-def reduce_plan(state, layer, cfg, mask, sizes, stats, x=None, keys=None):
+def decide_on_host(state, layer, cfg, mask, sizes, stats, x=None, keys=None):
     """FCA's decisions for a batch, as a gather plan for the `merge` kernel.
 
     mask, sizes [B, n]; stats {name: [B, n]}; x, keys [B, n, H] or None when the rules do not read
@@ -901,7 +901,7 @@ def reduce_plan(state, layer, cfg, mask, sizes, stats, x=None, keys=None):
         M = np.zeros((B, new_mask.shape[1], n))
         for b in range(B):
             valid = np.flatnonzero(mask[b] > 0)
-            rng = np.random.default_rng([cfg.seed, layer, int(state.keys[b]) & 0xFFFFFFFF])  # as FCAState.reduce
+            rng = np.random.default_rng([cfg.seed, layer, int(state.seeds[b]) & 0xFFFFFFFF])  # as FCAState.reduce
             st = {name: v[b, valid] for name, v in (stats or {}).items()}
             fine, rest, groups, w = fca_mod.reduce_sequence(cfg, layer, x[b, valid], sizes[b, valid], st,
                                                             keys[b, valid], rng, int(state.n_tokens[b]))
