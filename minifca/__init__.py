@@ -10,14 +10,14 @@ from . import _process
 
 _process.configure()  # OpenBLAS's idle threads and glibc's malloc thresholds, before NumPy loads: see _process.py
 
-from .config import BertConfig  # noqa: E402
-from .errors import (BackendError, CheckpointError, ConfigError, InputError, MinifcaError, TokenizerError)
+from .assets import default_model_path
+from .config import BertConfig
+from .errors import BackendError, CheckpointError, ConfigError, InputError, MinifcaError, TokenizerError
 from .fca import AGGREGATES, SCORES, FCAConfig, register_aggregate, register_score
 from .model import Model, Output, from_pretrained
 from .tokenizer import Encoding
-from .assets import default_model_path
 
 __version__ = "0.1.0"
-__all__ = ["BertConfig", "FCAConfig", "Model", "Output", "Encoding", "from_pretrained", "default_model_path",
-           "SCORES", "AGGREGATES", "register_score", "register_aggregate", "MinifcaError", "ConfigError",
-           "CheckpointError", "TokenizerError", "InputError", "BackendError"]
+__all__ = ["AGGREGATES", "SCORES", "BackendError", "BertConfig", "CheckpointError", "ConfigError", "Encoding",
+           "FCAConfig", "InputError", "MinifcaError", "Model", "Output", "TokenizerError", "default_model_path",
+           "from_pretrained", "register_aggregate", "register_score"]

@@ -32,10 +32,10 @@ from .fca import FCAConfig
 from .flops import head_flops, model_flops
 from .model import from_pretrained
 
-MODELS = {"bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-          "minilm-l6": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)}
-QUICK_MODELS = {"tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                             vocab_size=1000, max_position_embeddings=64)}
+MODELS = {"bert-base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
+          "minilm-l6": {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536}}
+QUICK_MODELS = {"tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+                             "vocab_size": 1000, "max_position_embeddings": 64}}
 SHAPES = [(1, 128), (8, 128), (32, 64)]
 QUICK_SHAPES = [(1, 16), (4, 16)]
 FCA_TARGETS = {"half": 1 / 2, "third": 1 / 3}
@@ -300,7 +300,7 @@ def peak_rss_bytes():
 
 
 def rss_worker(spec):
-    import minifca  # noqa: F401  (the package's import cost is part of what is measured)
+    import minifca
     if spec["engine"] == "numba":
         import minifca.kernels.cpu  # noqa: F401  (Numba itself is part of the import cost)
     base = peak_rss_bytes()
@@ -314,7 +314,7 @@ def subprocess_json(func, spec, threads):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                NUMBA_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "minifca.bench", func, json.dumps(spec)]
-    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=False)
     if p.returncode != 0:
         return {"error": f"{spec.get('engine')} worker exited with {p.returncode}"}
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -367,7 +367,7 @@ def run_bench(backends=("numba", "numpy"), quick=False, runs=None, threads=None,
             if e == "onnxruntime":
                 try:
                     export_onnx(folder)
-                except Exception as err:  # an exporter failure is reported, not fatal
+                except Exception as err:  # noqa: BLE001 - an exporter failure is reported, not fatal
                     entry["engines"][e] = {"error": f"onnx export failed: {type(err).__name__}: {err}"}
                     continue
             log(f"{name}: {e}")
@@ -406,7 +406,7 @@ def run_bench(backends=("numba", "numpy"), quick=False, runs=None, threads=None,
     log("time to first output (fresh process, warm cache)")
     try:
         res["first_output_seconds"] = first_output_seconds(threads, first_output_model, 1 if quick else 3)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 (reported, not raised)
         res["first_output_seconds"] = None
         res["first_output_error"] = f"{type(err).__name__}: {err}"
     return res

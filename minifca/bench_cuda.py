@@ -29,6 +29,7 @@ def bench_matmul(M, K, N, tiles, repeats=20) -> dict:
     """TFLOP/s of the matmul_bias_act kernel (x [M, K] @ w[N, K].T + b) with the given tiles, and
     what the compiler made of it (registers and local memory per thread, FMAs in the PTX)."""
     from numba import cuda
+
     from .kernels.cuda import CudaOps
     ops = CudaOps(tiles=tiles)
     rng = np.random.default_rng(0)
@@ -55,6 +56,7 @@ def kernel_profile(model, ids, mask, fca: FCAConfig | None = None, repeats=3) ->
     "fca counts (host)" (`count_units`: the counts of the rules decided on the device) or
     "fca plan (host)" (`decide_on_host`: every decision, for the other rules and for trace)."""
     from numba import cuda
+
     from .kernels import cuda as kc
     from .kernels.cuda import KERNEL_NAMES
     ops = model.ops
@@ -104,7 +106,7 @@ def parity(model, ids, mask, fca: FCAConfig | None = None) -> dict:
     """Our CUDA forward vs reference.bert_forward on the same weights: max abs difference of the
     final valid units (and of every hidden state when fca is None), and whether FCA kept the same units."""
     seeds = sequence_seeds(ids, mask) if fca is not None else None
-    kw = dict(fca=fca, seeds=seeds, output_hidden_states=fca is None)
+    kw = {"fca": fca, "seeds": seeds, "output_hidden_states": fca is None}
     got = reference.bert_forward(model.params, model.config, ids, mask, np.zeros_like(ids), ops=model.ops, **kw)
     want = reference.bert_forward(model.params, model.config, ids, mask, np.zeros_like(ids), **kw)
     same = got["mask"].shape == want["mask"].shape and np.array_equal(got["mask"], want["mask"])
@@ -171,6 +173,7 @@ def bench_cuda(model, ids, mask, fcas: dict | None = None, repeats=20, warmup=3,
 
 def device_name() -> str:
     from numba import cuda
+
     from .kernels.cuda import simulated
     if simulated():
         return "Numba CUDA simulator"
@@ -210,11 +213,10 @@ def print_bench_cuda(res):
 
 
 def format_rows(result) -> str:
-    lines = [f"device: {result['device']}; batch {result['batch'][0]} x {result['batch'][1]} "
-             f"({result['valid_tokens']} valid tokens)", "| implementation | ms / batch | sequences / s |",
-             "| --- | ---: | ---: |"]
-    lines[1:] = ["| implementation | ms / batch | sequences / s | FLOPs ratio | speedup vs our full |",
-                 "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [(f"device: {result['device']}; batch {result['batch'][0]} x {result['batch'][1]} "
+             f"({result['valid_tokens']} valid tokens)"),
+             "| implementation | ms / batch | sequences / s | FLOPs ratio | speedup vs our full |",
+             "| --- | ---: | ---: | ---: | ---: |"]
     extra = lambda r: (f"{r['flops_ratio']:.2f} | {r['speedup_vs_full']:.2f}x" if "flops_ratio" in r else " | ")
     lines += [f"| {r['impl']} | {r['ms']:.2f} | {r['sequences_per_s']:.0f} | {extra(r)} |" for r in result["rows"]]
     return "\n".join(lines)

@@ -13,6 +13,7 @@ from .evaluate import make_batches, predict, predict_many
 from .fca import FCAConfig
 from .reference import softmax
 
+
 def embedding_pass(model, batches, fca):
     """Mean-pooled embeddings [N, H] (data order) and the FLOPs of one pass: what `calibrate` compares on
     unlabelled text."""
@@ -92,7 +93,7 @@ def calibrate(model, data, target, base=None, step=0.2, floor=0.01, batch_size=6
         new[layer] = round(min(keep[layer] + by, 1.0), 4)
         return [max(v, new[layer]) if j < layer else v for j, v in enumerate(new)]
 
-    loss = lambda r: (1 - r["agreement"]) + r["kl"]  # noqa: E731
+    loss = lambda r: (1 - r["agreement"]) + r["kl"]
     cur = score_many([(list(start) if start is not None else [1.0] * layers, None)])[0]
     log(f"start: keep {cur['keep']}  FLOPs {cur['flops_ratio']:.3f}  agreement {cur['agreement']:.4f}  "
         f"KL {cur['kl']:.4f}")
@@ -102,14 +103,14 @@ def calibrate(model, data, target, base=None, step=0.2, floor=0.01, batch_size=6
         moves = [m for m in moves if m["flops_ratio"] < cur["flops_ratio"]]
         if not moves:
             break
-        saved = lambda m: cur["flops_ratio"] - m["flops_ratio"]  # noqa: E731
-        cur = min(moves, key=lambda m: ((loss(m) - loss(cur)) / saved(m), -saved(m)))
+        saved = lambda m, cur=cur: cur["flops_ratio"] - m["flops_ratio"]
+        cur = min(moves, key=lambda m, cur=cur: ((loss(m) - loss(cur)) / saved(m), -saved(m)))
         log(f"descent: keep {cur['keep']}  FLOPs {cur['flops_ratio']:.3f}  agreement {cur['agreement']:.4f}  "
             f"KL {cur['kl']:.4f}")
     if cur["flops_ratio"] > target:
         raise ConfigError(f"calibrate: even keep {cur['keep']} costs {cur['flops_ratio']:.3f} of the full model, "
                           f"above the target {target}")
-    better = lambda m, c: (m["agreement"], -m["kl"]) > (c["agreement"], -c["kl"])  # noqa: E731
+    better = lambda m, c: (m["agreement"], -m["kl"]) > (c["agreement"], -c["kl"])
     for r, m in zip(rules, score_many([(cur["keep"], r) for r in rules])):  # every rule at the same keep
         log(f"rule {r}: FLOPs {m['flops_ratio']:.3f}  agreement {m['agreement']:.4f}  KL {m['kl']:.4f}")
         if m["flops_ratio"] <= target and better(m, cur):

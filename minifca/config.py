@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
@@ -37,7 +37,7 @@ class BertConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config.json") -> "BertConfig":
+    def from_dict(cls, d: dict, source: str = "config.json") -> BertConfig:
         """Validate a config dict the way transformers' BertConfig would read it."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
@@ -107,7 +107,7 @@ class BertConfig:
         return cls(**kw)
 
     @classmethod
-    def from_json(cls, path) -> "BertConfig":
+    def from_json(cls, path) -> BertConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config.json not found")

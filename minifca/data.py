@@ -31,8 +31,8 @@ class Dataset:
     def __len__(self):
         return len(self.texts)
 
-    def subset(self, idx) -> "Dataset":
-        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+    def subset(self, idx) -> Dataset:
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]
         return Dataset(pick(self.texts), pick(self.pairs), pick(self.labels), self.source)
 
 
@@ -50,7 +50,7 @@ def from_columns(columns: dict, source: str) -> Dataset:
     labels = [_label(v) for v in cols[label]]
     if labels and all(v == -1 for v in labels):
         raise InputError(f"{source}: every label is -1: a test split without labels cannot be evaluated")
-    strip = lambda xs: [str(s).strip() for s in xs]  # noqa: E731
+    strip = lambda xs: [str(s).strip() for s in xs]
     if pair is not None:
         return Dataset(strip(cols[pair[0]]), strip(cols[pair[1]]), labels, source)
     return Dataset(strip(cols[single]), None, labels, source)
@@ -131,7 +131,7 @@ def load_data(spec, subset=None, split="validation", limit=None) -> Dataset:
         try:
             from huggingface_hub import snapshot_download
             local = snapshot_download(s, repo_type="dataset", allow_patterns=[f"{subset}/*"] if subset else None)
-        except Exception as e:  # offline, missing repo: one clear message
+        except Exception as e:  # noqa: BLE001 - offline, missing repo: one clear message
             raise InputError(f"{s}: not a local file or folder, and the hub could not provide it: "
                              f"{type(e).__name__}: {e}") from None
         files = split_files(local, subset, split)

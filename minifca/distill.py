@@ -130,7 +130,7 @@ def save_checkpoint(out, source, params, fca, opt=None, meta=None):
     for file in find_weight_files(source):
         for raw, arr in read_safetensors(file).items():
             name = _canonical(raw)
-            tensors[raw] = np.ascontiguousarray(trained[name] if name in trained else arr)
+            tensors[raw] = np.ascontiguousarray(trained.get(name, arr))
     tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})         # transformers reads "pt"-format files
     tmp.replace(out / "model.safetensors")
@@ -214,8 +214,8 @@ def distill(model, data, out, fca=None, target_flops=None, base=None, teacher=No
         opt.load_state(state)
         done = opt.t
     per_step = batch_size * accumulate
-    total = steps if steps is not None else max(1, int(math.ceil(epochs * len(texts) / per_step)))
-    warm = int(round(warmup * total)) if warmup < 1 else int(warmup)
+    total = steps if steps is not None else max(1, math.ceil(epochs * len(texts) / per_step))
+    warm = round(warmup * total) if warmup < 1 else int(warmup)
     meta = {"made_by": "minifca distill", "source": str(source), "teacher": str(teacher or source),
             "data": texts.source, "labelled": labelled, "steps": total, "batch_size": batch_size,
             "accumulate": accumulate, "lr": lr, "warmup_steps": warm, "weight_decay": weight_decay, "clip": clip,

@@ -144,7 +144,7 @@ class _Npy(_Writer):
 class _Jsonl(_Writer):
     def __init__(self, out, n, dim):
         super().__init__(out, n, dim)
-        self.f = open(self.partial, "w", encoding="utf-8")
+        self.f = open(self.partial, "w", encoding="utf-8")  # noqa: SIM115 - the writer's own file, closed by _close
 
     def _write(self, v, texts):
         for t, e in zip(texts, v.tolist()):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from .fca import FCAConfig
 from .flops import flops_per_layer
 
+
 def picture(model, text, fca, max_length=None):
     """One text through FCA, layer by layer: JSON-able dict with, per layer, every unit
     (kind fine/coarse, the input tokens it holds with their weights, size) and the dropped tokens."""

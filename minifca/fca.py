@@ -25,10 +25,11 @@ from these facts.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import zlib
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -281,7 +282,7 @@ class FCAConfig:
                 keep = self.keep = [float(v) for v in keep]
             else:
                 raise ConfigError(f"FCA keep must be floats (ratios) or ints (counts), not a mix: {keep}")
-            if any(b > a for a, b in zip(keep, keep[1:])):
+            if any(b > a for a, b in itertools.pairwise(keep)):
                 raise ConfigError(f"FCA keep must not increase from layer to layer, got {keep}")
         elif isinstance(keep, (int, float, np.floating, np.integer)) and not isinstance(keep, bool):
             if not (0 < float(keep) <= 1) or not math.isfinite(float(keep)):
@@ -332,7 +333,7 @@ class FCAConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def from_dict(cls, d: dict, source="schedule") -> "FCAConfig":
+    def from_dict(cls, d: dict, source="schedule") -> FCAConfig:
         if not isinstance(d, dict) or "keep" not in d:
             raise ConfigError(f"{source}: an FCA schedule is a JSON object with at least 'keep'")
         known = set(cls.__dataclass_fields__)
@@ -345,7 +346,7 @@ class FCAConfig:
             raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
-    def load(cls, path) -> "FCAConfig":
+    def load(cls, path) -> FCAConfig:
         path = Path(path)
         if path.exists() and not path.is_file():
             raise ConfigError(f"{path}: not a file (an FCA schedule is a JSON file)")
@@ -591,7 +592,7 @@ def reduce_batch(s, x, sizes, valid, k, c, active, aggregate):
     active [B] bool from `batch_plan`; aggregate: a rule with batched facts (drop, mean, weighted, clusters).
     Returns new_x [B, N, H] (fine units, coarse units, zero padding) and new_sizes [B, N].
     """
-    B, n, H = x.shape
+    B, _n, H = x.shape
     fine = _select_batched(s, valid, k)                              # [B, n] [CLS] + the k-1 best
     keep = np.where(active[:, None], fine, valid)                    # [B, n] units copied as they are
     dropping = aggregate_facts(aggregate).coarse_units == "none"

@@ -27,8 +27,7 @@ import sys
 
 import numpy as np
 
-from . import fca as fca_mod
-from . import reference as ref
+from . import fca as fca_mod, reference as ref
 from .errors import ConfigError
 
 # ---------------------------------------------------------------- dropout

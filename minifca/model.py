@@ -4,14 +4,14 @@ from __future__ import annotations
 import os
 import re
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import reference, threadlimit
 from .config import BertConfig
-from .errors import BackendError, CheckpointError, ConfigError, InputError
+from .errors import CheckpointError, ConfigError, InputError
 from .fca import FCAConfig, sequence_seeds
 from .flops import head_flops, model_flops
 from .progress import progress
@@ -75,7 +75,7 @@ def _resolve(name_or_path, hub=None) -> Path:
     try:
         from huggingface_hub import snapshot_download
         local = snapshot_download(s, allow_patterns=NEEDED_FILES, **hub)
-    except Exception as e:  # network, offline mode, missing repo: one clear message
+    except Exception as e:  # noqa: BLE001 - network, offline mode, missing repo: one clear message
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         rev = f" at revision {hub['revision']}" if "revision" in hub else ""
         raise CheckpointError(f"{s}: not a local directory, and the hub could not provide it{rev}"

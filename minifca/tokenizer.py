@@ -61,13 +61,13 @@ class Tokenizer:
                 self._tk.no_truncation()
 
     @classmethod
-    def from_folder(cls, folder: Path, max_positions: int, pad_id: int = 0) -> "Tokenizer":
+    def from_folder(cls, folder: Path, max_positions: int, pad_id: int = 0) -> Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
         tj, vocab = folder / "tokenizer.json", folder / "vocab.txt"
         if tj.is_file():
             try:
                 tk = HFTokenizer.from_file(str(tj))
-            except Exception as e:  # tokenizers raises a bare Exception on bad files
+            except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad files
                 raise TokenizerError(f"{tj}: cannot be read by tokenizers ({e})") from None
             return cls(tk, max_positions, pad_id)
         if vocab.is_file():
@@ -88,7 +88,7 @@ class Tokenizer:
                     raise TokenizerError(f"{tc}: field 'do_lower_case' must be true or false, got {lower!r}")
             try:
                 wp = BertWordPieceTokenizer(str(vocab), lowercase=lower)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 (reported, not raised)
                 raise TokenizerError(f"{vocab}: cannot be read as a WordPiece vocabulary ({e})") from None
             return cls(wp._tokenizer, max_positions, pad_id)
         raise TokenizerError(f"{folder}: no tokenizer.json or vocab.txt found")
@@ -127,7 +127,7 @@ class Tokenizer:
             raise InputError(f"max_length must be in [2, {self.max_positions}] (max_position_embeddings), got {limit}")
         try:
             batch = self._encode(list(zip(texts, pairs)) if pairs is not None else texts, limit if truncation else None)
-        except Exception as e:  # tokenizers raises TypeError/ValueError/its own on text it cannot encode
+        except Exception as e:  # noqa: BLE001 - tokenizers raises TypeError/ValueError/its own on text it cannot encode
             raise InputError(_unencodable(texts, pairs, e)) from None
         lengths = [len(e.ids) for e in batch]
         too_long = [i for i, n in enumerate(lengths) if n > limit]

@@ -204,7 +204,7 @@ def find_weight_files(folder: Path) -> list[Path]:
             f"{folder}: only pickle checkpoints found ({', '.join(sorted(pickles))}). minifca never unpickles "
             f"(it can run code). Convert once where torch is installed:\n"
             f"  python -c \"import torch, safetensors.torch as st; "
-            f"sd = torch.load('{folder / sorted(pickles)[0]}', weights_only=True); "
+            f"sd = torch.load('{folder / min(pickles)}', weights_only=True); "
             f"st.save_file({{k: v.contiguous() for k, v in sd.items()}}, '{folder / 'model.safetensors'}')\"\n"
             f"or with transformers: AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
     raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json found")
@@ -213,8 +213,7 @@ def find_weight_files(folder: Path) -> list[Path]:
 def _canonical(name: str) -> str | None:
     """Checkpoint name -> BertModel-style name ('encoder.layer.0....', 'classifier.weight', 'cls....')."""
     name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-    if name.startswith("bert."):
-        name = name[len("bert."):]
+    name = name.removeprefix("bert.")
     if name.endswith(_IGNORED_SUFFIXES):
         return None
     return name

@@ -102,7 +102,7 @@ def test_calibrate_out_folder_is_refused_before_the_search(capsys, tmp_path, mon
 def test_too_long_input_names_a_flag_that_exists(capsys, sst2_path):
     code, _, err = run_cli(capsys, "run", "--model", sst2_path, "good " * 600)
     assert code == 2 and "--max-length" in err and "--truncate" not in err
-    code, out, err = run_cli(capsys, "run", "--model", sst2_path, "--max-length", "64", "good " * 600)
+    code, _out, err = run_cli(capsys, "run", "--model", sst2_path, "--max-length", "64", "good " * 600)
     assert code == 0, err
 
 

@@ -9,10 +9,11 @@ import shutil
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
+from test_parity import compare_random
 
 import minifca
+
 from conftest import write_random_checkpoint
-from test_parity import compare_random
 
 KEEP = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 

@@ -17,6 +17,8 @@ from minifca import FCAConfig, grad, reference
 from minifca.optim import AdamW
 from minifca.weights import from_params
 
+from conftest import EPS32, SST2_MODEL, torch_reference, write_random_checkpoint
+
 torch = pytest.importorskip("torch")
 
 
@@ -151,12 +153,12 @@ def assert_grads_close(got, got_inputs, want, want_inputs, bound):
     assert set(got) == set(want), set(got) ^ set(want)
 
 
-SHAPES = [dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, hidden_act="gelu"),
-          dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=3, intermediate_size=96,
-               hidden_act="gelu_new"),
-          dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40, hidden_act="relu"),
-          dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=4, intermediate_size=32, hidden_act="silu",
-               num_labels=3)]
+SHAPES = [{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64, "hidden_act": "gelu"},
+          {"hidden_size": 48, "num_hidden_layers": 3, "num_attention_heads": 3, "intermediate_size": 96,
+               "hidden_act": "gelu_new"},
+          {"hidden_size": 24, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 40, "hidden_act": "relu"},
+          {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 32, "hidden_act": "silu",
+               "num_labels": 3}]
 
 
 @pytest.fixture(scope="module", params=range(len(SHAPES)), ids=[s["hidden_act"] for s in SHAPES])
@@ -221,11 +223,11 @@ def test_gradients_match_transformers(tiny):
 # ---------------------------------------------------------------- FCA: every differentiable rule
 
 
-RULES = [dict(aggregate="drop"), dict(aggregate="mean"), dict(aggregate="weighted"),
-         dict(aggregate="clusters", clusters=2), dict(aggregate="weighted", score="cls_attention"),
-         dict(aggregate="weighted", score="attention_entropy"), dict(aggregate="clusters", clusters=3,
-                                                                      score="attention_entropy"),
-         dict(aggregate="weighted", score="hidden_norm"), dict(aggregate="similarity", clusters=2)]
+RULES = [{"aggregate": "drop"}, {"aggregate": "mean"}, {"aggregate": "weighted"},
+         {"aggregate": "clusters", "clusters": 2}, {"aggregate": "weighted", "score": "cls_attention"},
+         {"aggregate": "weighted", "score": "attention_entropy"}, {"aggregate": "clusters", "clusters": 3,
+                                                                      "score": "attention_entropy"},
+         {"aggregate": "weighted", "score": "hidden_norm"}, {"aggregate": "similarity", "clusters": 2}]
 
 
 @pytest.mark.parametrize("proportional", [False, True], ids=["plain", "proportional"])

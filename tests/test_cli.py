@@ -162,7 +162,7 @@ def test_bad_model_path_console_script(tmp_path):
     assert exe.is_file(), f"console script missing at {exe} (pip install -e .)"
     missing = tmp_path / "nowhere"
     r = subprocess.run([str(exe), "run", "--model", str(missing), "text"], capture_output=True, text=True,
-                       timeout=120)
+                       timeout=120, check=False)
     assert r.returncode != 0 and r.stdout == ""
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and str(missing) in r.stderr

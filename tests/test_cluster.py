@@ -14,16 +14,13 @@ import time
 
 import numpy as np
 import pytest
-from conftest import SST2_DEV, SST2_MODEL, SST2_TRAIN
 
 import minifca
-from minifca import ablate as ab
-from minifca import calibrate as cal
-from minifca import cluster
-from minifca import data as D
-from minifca import evaluate as ev
+from minifca import ablate as ab, calibrate as cal, cluster, data as D, evaluate as ev
 from minifca.cli import main
 from minifca.errors import ClusterError
+
+from conftest import SST2_DEV, SST2_MODEL, SST2_TRAIN
 
 pytestmark = pytest.mark.timeout(180)
 EXAMPLES, BATCH = 24, 4                               # 6 batches, each one task per configuration

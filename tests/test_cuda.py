@@ -14,20 +14,20 @@ import textwrap
 from types import SimpleNamespace
 
 os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-from numba.core import config as numba_config  # noqa: E402
+from numba.core import config as numba_config
 
 numba_config.reload_config()
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from hypothesis import given, settings, strategies as st  # noqa: E402
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
 
-from minifca import reference  # noqa: E402
-from minifca.config import BertConfig  # noqa: E402
-from minifca.fca import FCAConfig  # noqa: E402
-from minifca.kernels import cuda as kc  # noqa: E402
+from minifca import reference
+from minifca.config import BertConfig
+from minifca.fca import FCAConfig
+from minifca.kernels import cuda as kc
 
-from conftest import f32_bound  # noqa: E402
+from conftest import f32_bound
 
 CFG = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=12, max_position_embeddings=16, layer_norm_eps=1e-12)
@@ -108,7 +108,7 @@ def test_ffn_activations(ops, params, act):
 
 
 def test_embeddings_and_layer_norm(ops, params):
-    ids, mask, tt = batch()
+    ids, _mask, tt = batch()
     e = params["embeddings"]
     close(ops.embeddings(ids, tt, **e, eps=CFG.layer_norm_eps), reference.embeddings(ids, tt, **e, eps=CFG.layer_norm_eps))
     rng = np.random.default_rng(2)
@@ -120,7 +120,7 @@ def test_embeddings_and_layer_norm(ops, params):
 @pytest.mark.parametrize("proportional, n_head", [(False, 4), (True, 4), (False, 1)])
 def test_attention_probs_stats_keys(ops, params, proportional, n_head):
     """n_head 4: head size 2 < the simulator's 4 threads (keys split among thread groups); 1: 8 > 4."""
-    ids, mask, tt = batch(3)
+    ids, mask, _tt = batch(3)
     x = np.random.default_rng(3).standard_normal((*ids.shape, CFG.hidden_size)).astype(np.float32)
     mask = mask.astype(np.float32)
     log_size = np.log(np.maximum(mask * np.arange(1, ids.shape[1] + 1), 1e-30)).astype(np.float32) if proportional else None
@@ -163,7 +163,7 @@ def test_attention_abar_stats_without_probs(ops, params, proportional, n_head, m
     """want_stats without want_probs: the attention_abar kernel (heads in turn, Abar in shared memory), then
     stats from Abar [B, n, n]: output, keys and statistics as the reference's, no [B, h, n, n] array, and the
     same bits on a second run. Masks with right padding and holes (the first unit too)."""
-    ids, mask, tt = batch(6)
+    ids, mask, _tt = batch(6)
     mask = mask.astype(np.float32)
     mask[1, 2] = mask[2, 0] = 0
     x = np.random.default_rng(6).standard_normal((*ids.shape, CFG.hidden_size)).astype(np.float32)
@@ -187,7 +187,7 @@ def test_attention_abar_stats_without_probs(ops, params, proportional, n_head, m
 
 def test_forward_full_with_hidden_states_and_attentions(ops, params):
     ids, mask, tt = batch(4)
-    kw = dict(output_hidden_states=True, output_attentions=True)
+    kw = {"output_hidden_states": True, "output_attentions": True}
     got = reference.bert_forward(params, CFG, ids, mask, tt, ops=ops, **kw)
     want = reference.bert_forward(params, CFG, ids, mask, tt, **kw)
     close(got["last_hidden_state"], want["last_hidden_state"])
@@ -375,8 +375,9 @@ def test_a_rule_registered_in_one_place_is_decided_on_the_device(small, new_rule
 
 
 def test_model_backend_cuda_uploads_once(tmp_path):
-    from conftest import write_random_checkpoint
     import minifca
+
+    from conftest import write_random_checkpoint
     folder = write_random_checkpoint(tmp_path / "tiny", hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=12, vocab_size=60, max_position_embeddings=16)
     model = minifca.from_pretrained(folder, backend="cuda")
@@ -396,10 +397,11 @@ def test_model_backend_cuda_uploads_once(tmp_path):
 def test_kernel_profile_accounts_for_the_forward(tmp_path):
     """bench_cuda.kernel_profile: every kernel of an FCA forward is timed, and the parts add up to the total;
     the paper's rule is decided on the device, so the host only counts (no decide_on_host)."""
-    from conftest import write_random_checkpoint
     import minifca
     from minifca.bench_cuda import kernel_profile
     from minifca.kernels.cuda import KERNEL_NAMES
+
+    from conftest import write_random_checkpoint
     folder = write_random_checkpoint(tmp_path / "tiny", hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=12, vocab_size=60, max_position_embeddings=16)
     model = minifca.from_pretrained(folder, backend="cuda")
@@ -417,7 +419,7 @@ def _run(code, **env):
     full = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     full.update(env)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full,
-                          timeout=120)
+                          timeout=120, check=False)
 
 
 def test_no_gpu_gives_a_backend_error_naming_the_driver(tmp_path):
@@ -464,6 +466,7 @@ def test_simulator_gives_every_thread_of_a_block_the_same_shared_array():
     block never wrote (rare wrong tiles and forwards). kernels() makes the look-up atomic."""
     import sys
     import threading
+
     from numba.cuda.simulator import kernelapi
     kc.kernels(True)                                                 # installs the fix
     interval = sys.getswitchinterval()
@@ -472,7 +475,7 @@ def test_simulator_gives_every_thread_of_a_block_the_same_shared_array():
         for _ in range(400):
             shared, got, start = kernelapi.FakeCUDAShared(0), [], threading.Barrier(8)
 
-            def thread():
+            def thread(start=start, got=got, shared=shared):
                 start.wait()
                 got.append(shared.array((64,), np.float32))
             threads = [threading.Thread(target=thread) for _ in range(8)]

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 import minifca
-from conftest import SST2_MODEL, SST2_TRAIN, model_bound, read_sst2, torch_reference, write_random_checkpoint
 from minifca import FCAConfig, cli, distill as distill_mod, grad
 from minifca.weights import read_safetensors
+
+from conftest import SST2_MODEL, SST2_TRAIN, model_bound, read_sst2, torch_reference, write_random_checkpoint
 
 
 @pytest.fixture(scope="module")

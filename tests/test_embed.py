@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 import minifca
-from conftest import EPS32, SST2_TRAIN, assert_f32_close, model_bound, read_sst2
 from minifca.errors import ConfigError, InputError
+
+from conftest import EPS32, SST2_TRAIN, assert_f32_close, model_bound, read_sst2
+
 
 @pytest.fixture(scope="module")
 def minilm(minilm_path):
@@ -217,6 +219,7 @@ def test_encode_keywords(minilm, mixed):
 
 def test_hub_download_fetches_the_sentence_files():
     from huggingface_hub.utils import filter_repo_objects
+
     from minifca.model import NEEDED_FILES
     repo = ["modules.json", "sentence_bert_config.json", "1_Pooling/config.json", "config.json", "model.safetensors",
             "pytorch_model.bin", "onnx/model.onnx", "README.md", "tokenizer.json"]

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 from pathlib import Path
 
@@ -29,8 +28,8 @@ from minifca.config import BertConfig
 from minifca.errors import CheckpointError, ConfigError, InputError, MinifcaError, TokenizerError
 from minifca.weights import expected_shapes
 
-CFG = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-           max_position_embeddings=12, type_vocab_size=2, hidden_act="gelu", model_type="bert")
+CFG = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 24,
+           "max_position_embeddings": 12, "type_vocab_size": 2, "hidden_act": "gelu", "model_type": "bert"}
 Q0 = "encoder.layer.0.attention.self.query.weight"
 
 
@@ -280,7 +279,7 @@ def test_tensor_in_two_shards(tiny):
     _shard(tiny)
     first = stn.load_file(str(tiny / "model-00001-of-00002.safetensors"))
     second = stn.load_file(str(tiny / "model-00002-of-00002.safetensors"))
-    name = sorted(first)[0]
+    name = min(first)
     second[name] = first[name]                              # the same tensor written into both shards
     stn.save_file(second, str(tiny / "model-00002-of-00002.safetensors"))
     raised(CheckpointError, load, tiny, match=[name, "model-00001-of-00002.safetensors",
@@ -296,7 +295,7 @@ def test_garbled_tokenizer_json(tiny):
 
 
 def test_malformed_tokenizer_config(tiny):
-    (tiny / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]))
+    (tiny / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\nb")
     (tiny / "tokenizer_config.json").write_text("{oops")
     raised(TokenizerError, load, tiny, match=str(tiny / "tokenizer_config.json"))
 

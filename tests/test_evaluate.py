@@ -14,6 +14,7 @@ import minifca
 from minifca import ablate as ab, calibrate as cal, data as D, evaluate as ev
 from minifca.cli import main
 from minifca.errors import ConfigError, InputError
+
 from conftest import SST2_MODEL
 
 SENTENCES = [("a gripping , funny and moving film .", 1), ("dull , lifeless and far too long .", 0),

@@ -1,7 +1,6 @@
 """FCA in the NumPy reference (docs/fca.md): selection, aggregation, sizes, batching, schedules, CLI."""
 from __future__ import annotations
 
-import itertools
 import json
 
 import numpy as np
@@ -80,8 +79,8 @@ def test_keep_one_is_the_plain_forward(tiny, score, aggregate, proportional):
 # ---------------------------------------------------------------- one reduction step, in the model
 
 
-SCHEDULES = [dict(keep=0.5), dict(keep=[0.9, 0.6, 0.3]), dict(keep=[7, 5, 2]), dict(keep=0.4, start_layer=1),
-             dict(keep=0.3, proportional_attention=True)]
+SCHEDULES = [{"keep": 0.5}, {"keep": [0.9, 0.6, 0.3]}, {"keep": [7, 5, 2]}, {"keep": 0.4, "start_layer": 1},
+             {"keep": 0.3, "proportional_attention": True}]
 
 
 @pytest.mark.parametrize("score,aggregate", RULES)
@@ -165,8 +164,8 @@ def test_proportional_attention_changes_later_layers_only(tiny):
 # ---------------------------------------------------------------- batching
 
 
-BATCH_SCHEDULES = SCHEDULES + [dict(keep=[5, 5, 3], clusters=3), dict(keep=[0.7, 0.7, 0.4], start_layer=1,
-                                                                        proportional_attention=True, clusters=2)]
+BATCH_SCHEDULES = SCHEDULES + [{"keep": [5, 5, 3], "clusters": 3}, {"keep": [0.7, 0.7, 0.4], "start_layer": 1,
+                                                                        "proportional_attention": True, "clusters": 2}]
 
 
 @pytest.mark.parametrize("score,aggregate", RULES)
@@ -191,8 +190,8 @@ def test_alone_equals_in_a_padded_batch(tiny, score, aggregate, schedule):
         assert together.flops_per_sequence[b] == alone.flops
         for units, units_alone in zip([L[b] for L in together.trace], [L[0] for L in alone.trace]):
             assert [(u["kind"], u["tokens"]) for u in units] == [(u["kind"], u["tokens"]) for u in units_alone]
-            want = sum((u["weights"] for u in units_alone), [])   # softmax weights of scores made by the layers below
-            assert_f32_close(sum((u["weights"] for u in units), []), want, depth=LAYERS + 1,
+            want = [w for u in units_alone for w in u["weights"]]  # softmax weights of scores made by the layers below
+            assert_f32_close([w for u in units for w in u["weights"]], want, depth=LAYERS + 1,
                              width=max(tiny.config.hidden_size, tiny.config.intermediate_size), what="merge weights")
 
 
@@ -217,7 +216,7 @@ def test_coarse_units_are_convex_combinations(data, aggregate, c):
     assert groups.min() == 0 and set(groups) == set(range(groups.max() + 1)) and groups.max() + 1 == min(c, len(x))
     assert (w >= 0).all()
     np.testing.assert_allclose(np.bincount(groups, w), 1, atol=1e-12)
-    new_x, new_sizes, W = F.merge(x, sizes, np.zeros(0, np.int64), np.arange(len(x)), groups, w)
+    new_x, new_sizes, _W = F.merge(x, sizes, np.zeros(0, np.int64), np.arange(len(x)), groups, w)
     for g in range(groups.max() + 1):
         mem = x[groups == g]
         assert (new_x[g] >= mem.min(0) - 1e-12).all() and (new_x[g] <= mem.max(0) + 1e-12).all()
@@ -268,11 +267,11 @@ def test_random_rule_is_seeded(tiny, aggregate):
 
 
 @pytest.mark.parametrize("bad", [
-    dict(keep=0), dict(keep=1.5), dict(keep=float("nan")), dict(keep=[]), dict(keep=[3, 0.5]), dict(keep=[0.5, 0.7]),
-    dict(keep=[4, 0]), dict(keep=[3, 4]), dict(keep=True), dict(keep="0.5"), dict(keep=0.5, score="loudest"),
-    dict(keep=0.5, aggregate="sum"), dict(keep=0.5, clusters=0), dict(keep=0.5, clusters=True),
-    dict(keep=0.5, aggregate="weighted", clusters=2), dict(keep=0.5, start_layer=-1), dict(keep=0.5, start_layer=True),
-    dict(keep=0.5, seed=-1), dict(keep=0.5, seed=1.5), dict(keep=0.5, proportional_attention="yes")], ids=str)
+    {"keep": 0}, {"keep": 1.5}, {"keep": float("nan")}, {"keep": []}, {"keep": [3, 0.5]}, {"keep": [0.5, 0.7]},
+    {"keep": [4, 0]}, {"keep": [3, 4]}, {"keep": True}, {"keep": "0.5"}, {"keep": 0.5, "score": "loudest"},
+    {"keep": 0.5, "aggregate": "sum"}, {"keep": 0.5, "clusters": 0}, {"keep": 0.5, "clusters": True},
+    {"keep": 0.5, "aggregate": "weighted", "clusters": 2}, {"keep": 0.5, "start_layer": -1}, {"keep": 0.5, "start_layer": True},
+    {"keep": 0.5, "seed": -1}, {"keep": 0.5, "seed": 1.5}, {"keep": 0.5, "proportional_attention": "yes"}], ids=str)
 def test_bad_configs_raise(bad):
     with pytest.raises(ConfigError):
         F.FCAConfig(**bad)

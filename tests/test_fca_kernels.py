@@ -5,6 +5,8 @@ same sizes; the coarse units are float64 sums cast to float32, equal up to the o
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -102,5 +104,5 @@ def test_reduce_batch_is_deterministic(aggregate):
     cfg = F.FCAConfig(keep=0.3, aggregate=aggregate, clusters=3 if aggregate == "clusters" else 1)
     plan = F.batch_plan(cfg, 0, valid.sum(1), valid)
     runs = [cpu.reduce_batch(s, x, sizes, valid, plan.k, plan.c, plan.active, aggregate) for _ in range(3)]
-    for a, b in zip(runs, runs[1:]):
+    for a, b in itertools.pairwise(runs):
         assert a[0].tobytes() == b[0].tobytes() and a[1].tobytes() == b[1].tobytes()

@@ -12,8 +12,8 @@ from minifca.config import BertConfig
 from conftest import write_random_checkpoint
 
 # The tiny model: H = 4 hidden, h = 2 heads, I = 8 intermediate, 2 layers, C = 2 labels.
-TINY = dict(vocab_size=30, hidden_size=4, num_hidden_layers=2, num_attention_heads=2, intermediate_size=8,
-            max_position_embeddings=80)
+TINY = {"vocab_size": 30, "hidden_size": 4, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 8,
+            "max_position_embeddings": 80}
 
 
 @pytest.fixture(scope="module")

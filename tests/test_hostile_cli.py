@@ -14,12 +14,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, SST2_DEV, write_random_checkpoint
 
 from minifca import cli
 
-SMALL = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=40, vocab_size=90,
-             max_position_embeddings=24)
+from conftest import ROOT, SST2_DEV, write_random_checkpoint
+
+SMALL = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 40, "vocab_size": 90,
+             "max_position_embeddings": 24}
 
 
 def fails(capsys, *argv, match=()):
@@ -115,7 +116,7 @@ def test_stdin_with_bom_and_crlf(capsys, sst2_path, monkeypatch):
 @pytest.fixture(scope="module")
 def token_model(tmp_path_factory):
     folder = write_random_checkpoint(tmp_path_factory.mktemp("tok") / "m", head="token", num_labels=3, **SMALL)
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]) + "\n")
+    (folder / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\nb" + "\n")
     return folder
 
 

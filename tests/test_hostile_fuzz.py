@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy as stn
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from test_errors import CFG, write_tiny
 
 import minifca
@@ -96,7 +95,7 @@ def _apply_bytes(data: bytes, edits) -> bytes:
 
 
 def _apply_json(data: bytes, edits) -> bytes:
-    n, raw, body = _split(data)
+    _n, raw, body = _split(data)
     header = json.loads(raw)
     names = sorted(k for k in header if k != "__metadata__")
     for which, field, value in edits:
@@ -128,7 +127,7 @@ def _check_header_mutation(original, mutated_bytes):
     f.write_bytes(mutated_bytes)
     try:
         try:
-            model, out = run(m)
+            _model, out = run(m)
         except MinifcaError as e:
             assert isinstance(e, (CheckpointError, ConfigError, TokenizerError)) or "non-finite" in str(e), repr(e)
             return

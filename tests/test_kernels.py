@@ -194,7 +194,7 @@ def test_backends_agree_on_random_checkpoint(random_models, B, L, seed):
     ref_model, model = random_models
     rng = np.random.default_rng(seed)
     ids, mask, tt = rng.integers(0, 120, (B, L)), random_mask(rng, B, L), rng.integers(0, 2, (B, L))
-    kw = dict(attention_mask=mask, token_type_ids=tt, output_hidden_states=True, output_attentions=True)
+    kw = {"attention_mask": mask, "token_type_ids": tt, "output_hidden_states": True, "output_attentions": True}
     ref, got = ref_model.forward(ids, **kw), model.forward(ids, **kw)
     compare(ref, got, model.config)
     for a, b in zip(ref.hidden_states + ref.attentions, got.hidden_states + got.attentions):
@@ -263,20 +263,20 @@ def test_bert_forward_defaults_to_numba_ops(random_models):
 # ---------------------------------------------------------------- more parity cases: shapes, activations, real checkpoints
 
 CHECKPOINTS = {  # name: BertConfig fields of a random classifier checkpoint
-    "bert-base-like": dict(hidden_size=768, num_hidden_layers=2, num_attention_heads=12, intermediate_size=3072,
-                           initializer_range=0.06),  # larger weights: float32 noise in 768-wide sums passes 1e-5
-    "gelu_new-1head": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=1, intermediate_size=64,
-                           hidden_act="gelu_new"),
-    "relu-odd-heads": dict(hidden_size=36, num_hidden_layers=3, num_attention_heads=3, intermediate_size=50,
-                           hidden_act="relu", type_vocab_size=3),
-    "silu-tiny-ln-eps": dict(hidden_size=24, num_hidden_layers=1, num_attention_heads=6, intermediate_size=24,
-                             hidden_act="silu", layer_norm_eps=1e-5),
+    "bert-base-like": {"hidden_size": 768, "num_hidden_layers": 2, "num_attention_heads": 12, "intermediate_size": 3072,
+                           "initializer_range": 0.06},  # larger weights: float32 noise in 768-wide sums passes 1e-5
+    "gelu_new-1head": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 1, "intermediate_size": 64,
+                           "hidden_act": "gelu_new"},
+    "relu-odd-heads": {"hidden_size": 36, "num_hidden_layers": 3, "num_attention_heads": 3, "intermediate_size": 50,
+                           "hidden_act": "relu", "type_vocab_size": 3},
+    "silu-tiny-ln-eps": {"hidden_size": 24, "num_hidden_layers": 1, "num_attention_heads": 6, "intermediate_size": 24,
+                             "hidden_act": "silu", "layer_norm_eps": 1e-5},
 }
 
 
 @pytest.fixture(scope="module", params=sorted(CHECKPOINTS))
 def shaped_models(request, tmp_path_factory):
-    shape = dict(vocab_size=200, max_position_embeddings=48, initializer_range=0.2, num_labels=2) | CHECKPOINTS[request.param]
+    shape = {"vocab_size": 200, "max_position_embeddings": 48, "initializer_range": 0.2, "num_labels": 2} | CHECKPOINTS[request.param]
     folder = write_random_checkpoint(tmp_path_factory.mktemp("shapes") / request.param, seed=11, **shape)
     return minifca.from_pretrained(folder, backend="numpy"), minifca.from_pretrained(folder, backend="numba")
 
@@ -289,7 +289,7 @@ def test_backends_agree_on_checkpoint_shapes(shaped_models):
     ids, mask = rng.integers(0, 200, (B, L)), random_mask(rng, B, L)
     mask[0] = 1                                                      # one full row, others padded
     tt = rng.integers(0, model.config.type_vocab_size, (B, L))
-    kw = dict(attention_mask=mask, token_type_ids=tt, output_hidden_states=True)
+    kw = {"attention_mask": mask, "token_type_ids": tt, "output_hidden_states": True}
     ref, got = ref_model.forward(ids, **kw), model.forward(ids, **kw)
     compare(ref, got, model.config)
     for a, b in zip(ref.hidden_states, got.hidden_states):

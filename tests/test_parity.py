@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import minifca
+
 from conftest import SST2_DEV, model_bound, read_sst2, torch_reference, write_random_checkpoint
 
 BACKENDS = ["numpy", "numba"]

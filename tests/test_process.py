@@ -13,12 +13,13 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import assert_f32_close, write_random_checkpoint
 
 import minifca
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=120,
-            max_position_embeddings=32)
+from conftest import assert_f32_close, write_random_checkpoint
+
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 120,
+            "max_position_embeddings": 32}
 
 # run in a fresh process: torch (imported and used) and minifca in the order given, then report what is loaded
 PROBE = r"""
@@ -53,7 +54,7 @@ def tiny(tmp_path_factory):
 def probe(folder, order, **env):
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "NUMBA_THREADING_LAYER")}
     r = subprocess.run([sys.executable, "-c", PROBE, str(folder), order], env={**base, **env}, capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 

@@ -14,7 +14,7 @@ from conftest import ROOT, SHARED
 
 TUT = ROOT / "tutorials"
 sys.path.insert(0, str(TUT))
-import build  # noqa: E402  (tutorials/build.py)
+import build
 
 # the functions each tutorial walks through: named in its text and code, and real attributes of minifca
 NAMES = {
@@ -43,7 +43,7 @@ def fast_build(tmp_path_factory):
     """Every tutorial in fast mode, written to a temp dir (the checked-in files stay untouched)."""
     out = tmp_path_factory.mktemp("tutorials")
     r = subprocess.run([sys.executable, str(TUT / "build.py"), "--fast", "--out", str(out)],
-                       capture_output=True, text=True, env=_env(), timeout=600)
+                       capture_output=True, text=True, env=_env(), timeout=600, check=False)
     assert r.returncode == 0, f"a tutorial failed in fast mode:\n{r.stderr[-4000:]}"
     return out
 
@@ -99,7 +99,7 @@ def test_figures_are_small():
 def test_tutorial_1_checks_against_stored_figures_without_transformers(tmp_path):
     """Without transformers, tutorial 1 compares with tutorials/data/01_reference.json (and passes)."""
     r = subprocess.run([sys.executable, str(TUT / "build.py"), "01", "--fast", "--out", str(tmp_path)],
-                       capture_output=True, text=True, env=_env(MINIFCA_TUTORIAL_NO_TRANSFORMERS="1"), timeout=300)
+                       capture_output=True, text=True, env=_env(MINIFCA_TUTORIAL_NO_TRANSFORMERS="1"), timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-4000:]
     md = (tmp_path / "01_bert_from_checkpoint.md").read_text()
     assert md.count("max |ours - stored figures|") >= 9

@@ -6,20 +6,13 @@ from pathlib import Path
 from ..ablate import ablate, grid
 from ..errors import ConfigError
 from ..fca import AGGREGATES, SCORES
-from .common import (
-    add_cluster,
-    add_data_flags,
-    data_from_args,
-    int_at_least,
-    load_model,
-    runner_from_args,
-)
+from .common import add_cluster, add_data_flags, data_from_args, int_at_least, load_model, runner_from_args
 
 
 def cmd_ablate(args):
     model = load_model(args)
     data = data_from_args(args, args.limit)
-    split = lambda s: [v.strip() for v in s.split(",") if v.strip()]  # noqa: E731
+    split = lambda s: [v.strip() for v in s.split(",") if v.strip()]
     prop = {"off": (False,), "on": (True,), "both": (False, True)}[args.proportional]
     try:
         levels = [float(v) for v in split(args.keep)]

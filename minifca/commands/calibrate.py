@@ -28,7 +28,7 @@ def cmd_calibrate(args):
         raise InputError(f"{args.out}: is a folder; --out is the schedule file to write (e.g. {args.out}/schedule.json)")
     data = data_from_args(args)
     check_training_data(data)
-    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    log = lambda s: print(s, file=sys.stderr)
     rng = np.random.default_rng(args.seed)
     idx = [i for i, t in enumerate(data.texts) if len(t.split()) >= args.min_words]
     if not idx:

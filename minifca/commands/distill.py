@@ -14,7 +14,7 @@ def cmd_distill(args):
         raise ConfigError("give either a schedule (--fca-schedule / --fca-keep) or --target-flops, not both")
     if args.target_flops is None and base is None and not args.resume:
         raise ConfigError("distill needs an FCA schedule (--fca-schedule FILE or --fca-keep) or --target-flops X")
-    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    log = lambda s: print(s, file=sys.stderr)
     r = distill(args.model, args.data, args.out, fca=None if args.target_flops is not None else base,
                 base=base if args.target_flops is not None else None, target_flops=args.target_flops,
                 teacher=args.teacher, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,

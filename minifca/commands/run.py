@@ -11,7 +11,6 @@ from ..reference import softmax
 from ..sentence import l2_normalize, pool
 from .common import add_json, emit, fca_from_args, int_at_least, load_model, texts_from
 
-
 MAX_SIMILARITY = 100   # texts whose all-pairs cosine similarity `run` reports (more: `minifca embed` to a file)
 
 

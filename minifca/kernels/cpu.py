@@ -57,7 +57,7 @@ from . import aggregate_code
 F32 = np.float32
 _ACT_KERNELS = {reference.gelu: 0, reference.gelu_new: 1, reference.relu: 2, reference.silu: 3}  # _bias_act_rows' codes
 ACT_CODES = {name: _ACT_KERNELS[fn] for name, fn in reference.ACTIVATIONS.items()}
-_jit = dict(cache=True, nogil=True, error_model="numpy")  # x / 0 gives inf or NaN, as NumPy's: no ZeroDivisionError
+_jit = {"cache": True, "nogil": True, "error_model": "numpy"}  # x / 0 gives inf or NaN, as NumPy's: no ZeroDivisionError
 _SUMS = {"reassoc"}  # LayerNorm's float64 sums may be reassociated, so they vectorise (see _ln_row)
 
 # ---------------------------------------------------------------- row helpers (inlined into the loops below)
@@ -424,7 +424,7 @@ def _reduce_rows(s, x, sizes, valid, k, c, active, agg, new_x, new_sizes):
 
 def reduce_batch(s, x, sizes, valid, k, c, active, aggregate):
     """fca.reduce_batch: the same units, order and sizes; coarse sums in float64 as there."""
-    B, n, H = x.shape
+    B, _n, H = x.shape
     N = int(fca.units_out(valid, k, c, active).max())
     new_x = np.zeros((B, N, H), x.dtype)
     new_sizes = np.zeros((B, N), sizes.dtype)

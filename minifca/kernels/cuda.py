@@ -45,13 +45,12 @@ simulator (NUMBA_ENABLE_CUDASIM=1) the same kernels run with small tiles.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 from types import SimpleNamespace
 
 import numpy as np
 
-from .. import fca as fca_mod
-from .. import reference
+from .. import fca as fca_mod, reference
 from ..errors import BackendError
 from . import aggregate_code
 
@@ -104,6 +103,7 @@ def _simulator_shared_arrays_atomic():
     """
     import sys
     import threading
+
     from numba.core import types
     from numba.cuda.simulator import kernelapi
     from numba.np import numpy_support
@@ -147,7 +147,7 @@ KERNEL_NAMES = ("matmul_bias_act", "embed_gather", "add_ln", "attention", "atten
                 "fca_norms", "fca_select", "merge")
 
 
-@lru_cache(maxsize=None)
+@cache
 def kernels(sim: bool, tiles: str = DEFAULT_TILES):
     """Compile-time tile sizes are closure constants: GPU-sized, or tiny under the simulator."""
     global cuda  # a module global: the simulator swaps it inside kernels for its fake module
@@ -583,9 +583,9 @@ def upload_params(cuda, params):
     """The parameter dict as device arrays, with the same keys (`reference.bert_forward` unpacks it as it
     does the host one). Each layer's Q/K/V are uploaded as one fused [3H, H] projection, and q, k, v are
     views of it; returns (the dict, {id of a layer's q weight view: its fused projection})."""
-    up = lambda a: cuda.to_device(_f32(a))  # noqa: E731
-    lin = lambda p: {"w": up(p["w"]), "b": up(p["b"])}  # noqa: E731
-    ln = lambda p: {"g": up(p["g"]), "b": up(p["b"])}  # noqa: E731
+    up = lambda a: cuda.to_device(_f32(a))
+    lin = lambda p: {"w": up(p["w"]), "b": up(p["b"])}
+    ln = lambda p: {"g": up(p["g"]), "b": up(p["b"])}
     e = params["embeddings"]
     layers, fused = [], {}
     for p in params["layers"]:
