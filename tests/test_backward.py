@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 
 import minifca
-from conftest import EPS32, SST2_MODEL, assert_f32_close, torch_reference, write_random_checkpoint
 from minifca import FCAConfig, grad, reference
 from minifca.optim import AdamW
 from minifca.weights import from_params
 
-from conftest import EPS32, SST2_MODEL, torch_reference, write_random_checkpoint
+from conftest import EPS32, SST2_MODEL, assert_f32_close, torch_reference, write_random_checkpoint
 
 torch = pytest.importorskip("torch")
 
@@ -393,7 +392,7 @@ def test_numba_adamw_matches_numpy():
         g = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in a.items()}
         plain.step(g)
         fused.step({k: v.copy() for k, v in g.items()})
-    for k in a:   # the same float32 operations per element, in the same order: a few ulp of the parameters
+    for k in a:   # noqa: PLC0206 - the same float32 operations per element, in the same order: a few ulp of the parameters
         np.testing.assert_allclose(b[k], a[k], rtol=0, atol=4 * EPS32 * np.abs(a[k]).max())
         np.testing.assert_allclose(fused.v[k], plain.v[k], rtol=0, atol=4 * EPS32 * np.abs(plain.v[k]).max())
 

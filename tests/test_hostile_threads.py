@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import minifca
+
 from conftest import ROOT
 
 TEXTS = ["a gripping, funny and moving film", "the plot is thin and the acting wooden , a long two hours",

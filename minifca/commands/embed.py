@@ -2,15 +2,7 @@
 from __future__ import annotations
 
 from ..embedding import WRITERS, check_output, embed_file
-from .common import (
-    add_cluster,
-    add_json,
-    emit,
-    fca_from_args,
-    int_at_least,
-    load_model,
-    runner_from_args,
-)
+from .common import add_cluster, add_json, emit, fca_from_args, int_at_least, load_model, runner_from_args
 
 
 def cmd_embed(args):
