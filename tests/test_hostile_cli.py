@@ -281,7 +281,6 @@ def test_embed_input_with_bom_and_crlf(capsys, minilm_path, tmp_path, suffix):
 
 def test_token_classifier_run_labels_every_token(capsys, token_model):
     """A BertForTokenClassification checkpoint is run as one (its per-token head used), not as a bare encoder."""
-    import numpy as np
 
     import minifca
     res = json.loads(ok(capsys, "run", "--model", token_model, "--backend", "numpy", "a b a", "b", "--json"))
