@@ -118,14 +118,15 @@ def random_ids(B, L, vocab, seed=0):
 def write_random_checkpoint(folder, seed=0, head=None, perturb=0.0, dtype="float32", max_shard_size=None,
                             **shape) -> Path:
     """A random-weight BERT written by transformers (save_pretrained, safetensors): the one writer of the
-    benchmarks and the tests. shape: any BertConfig fields; head: None (BertModel), "classifier" or "mlm";
+    benchmarks and the tests. shape: any BertConfig fields; head: None (BertModel), "classifier", "token"
+    (BertForTokenClassification) or "mlm";
     perturb: the spread of noise added to every parameter (breaks the zero-init symmetry of biases and
     LayerNorms, so every tensor matters); dtype: "float32", "float16" or "bfloat16". Returns the folder."""
     import torch
     import transformers
     torch.manual_seed(seed)
     cls = {"classifier": transformers.BertForSequenceClassification, "mlm": transformers.BertForMaskedLM,
-           None: transformers.BertModel}[head]
+           "token": transformers.BertForTokenClassification, None: transformers.BertModel}[head]
     model = cls(transformers.BertConfig(**shape)).eval()
     if perturb:
         with torch.no_grad():
