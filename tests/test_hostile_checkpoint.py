@@ -16,13 +16,12 @@ import textwrap
 import numpy as np
 import pytest
 import safetensors.numpy as stn
-from conftest import ROOT, model_bound, torch_reference, write_random_checkpoint
 from test_errors import CFG, Q0, load, raised, tiny_state, write_tiny
 
 import minifca
 from minifca.errors import CheckpointError, ConfigError, TokenizerError
 
-from conftest import ROOT, torch_reference, write_random_checkpoint
+from conftest import ROOT, model_bound, torch_reference, write_random_checkpoint
 
 K0 = "encoder.layer.0.attention.self.key.weight"
 
