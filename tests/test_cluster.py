@@ -39,11 +39,15 @@ def data():
 
 @pytest.fixture(scope="module")
 def local2():
-    runner = cluster.connect("local:2")
-    try:
-        yield runner
-    finally:
-        runner.close()
+    import dask
+    # a machine shared by other test runs can take longer than Dask's 30 s to start or reach a worker process
+    with dask.config.set({"distributed.comm.timeouts.connect": "120s", "distributed.comm.timeouts.tcp": "120s"}):
+        runner = cluster.connect("local:2")
+        try:
+            runner.client.wait_for_workers(2, timeout=120)
+            yield runner
+        finally:
+            runner.close()
 
 
 def small_grid():
