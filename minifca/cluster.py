@@ -68,8 +68,8 @@ def worker_model(ref: ModelRef):
             from .model import from_pretrained
             if not _loads:
                 # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which switches minifca's mallopt
-                # off (_process.py): every large temporary of a forward fresh pages again, ~1.4x slower forwards
-                # (BENCHMARKS.md, "Dask cluster"). Set glibc's thresholds here, at run time, as minifca does.
+                # off (_process.py). Set glibc's thresholds here, at run time, as every other minifca process has
+                # them (BENCHMARKS.md, "Dask cluster").
                 _malloc_set.append(_process.set_malloc_thresholds(over_env=True))
             try:
                 model = from_pretrained(ref.path, backend=ref.backend)
