@@ -51,7 +51,7 @@ def main():
     batches = -(-len(data) // args.batch_size)
     tasks = (len(grid) + 1) * batches
     tmp = Path(tempfile.mkdtemp(prefix="cluster_scaling_"))
-    quiet = lambda s: None  # noqa: E731
+    quiet = lambda s: None
 
     def timed_grid(name, runner):
         out = tmp / name
