@@ -40,8 +40,7 @@ def main():
     args = ap.parse_args()
 
     import minifca
-    from minifca import ablate as ab
-    from minifca import cluster
+    from minifca import ablate as ab, cluster
     from minifca.data import load_data
 
     model = minifca.from_pretrained(args.model, backend="numba")
