@@ -10,6 +10,11 @@ nested layout ({"w", "b"} for a linear layer, {"g", "b"} for a LayerNorm, ...).
 Shapes as in reference.py: B batch, L tokens, n units, H hidden, h heads, d = H / h,
 I intermediate, C classes. Training adds dropout (hidden and attention, seeded by `rng`).
 
+The training forward is reference.bert_forward itself, the package's one loop over layers, run with
+a `Tape` as its ops: the ops contract (minifca/kernels/__init__.py), each op the reference's or its
+`*_forward` here plus dropout, recording per layer what `layer_backward` reads; `backward` walks
+those records in reverse.
+
 FCA in training: the selection of fine units is discrete and gets no gradient. A fine unit is
 a copy (a gather: its gradient scatters back to the unit it copies); a coarse unit is a
 weighted sum sum_j w_j x_j (its gradient goes to each member, and, where the weights are a
@@ -313,28 +318,75 @@ def fca_backward(dy, cache, aggregate):
 
 
 # ---------------------------------------------------------------- one layer, the whole model
+# The training forward is reference.bert_forward itself (the one loop over layers), handed a `Tape`:
+# the ops contract (minifca/kernels/__init__.py) with dropout where BERT trains with it, recording
+# per layer what `layer_backward` reads.
 
 
-def layer_forward(x, mask, sizes, p, cfg, fca=None, layer=0, state=None, p_hidden=0.0, p_attn=0.0, rng=None,
-                  ops=None):
-    """One BERT layer as reference.bert_forward runs it, with FCA between the attention and the FFN."""
-    eps, act = cfg.layer_norm_eps, cfg.hidden_act
-    reduce = fca is not None and fca.active(layer)
-    log_size = np.log(np.maximum(sizes, 1e-30)) if fca is not None and fca.proportional_attention else None
-    a, probs, K, c_attn = attention_forward(x, mask, log_size, **p["attn"], n_head=cfg.num_attention_heads,
-                                            p=p_attn, rng=rng)       # [B, n, H]
-    a, keep_a = dropout_forward(a, p_hidden, rng)                    # [B, n, H]
-    s1 = a + x                                                       # [B, n, H]
-    x1 = ref.layer_norm(s1, **p["attn_ln"], eps=eps)                 # [B, n, H]
-    cache = {"mask": mask, "attn": c_attn, "keep_a": keep_a, "s1": s1, "x1": x1, "fca": None}
-    if reduce:
-        stats = ref.attention_stats(probs, mask)                     # {name: [B, n]}
-        x1, mask, sizes, cache["fca"] = fca_forward(fca, layer, x1, mask, sizes, stats, K, *state)  # [B, n', H]
-    f, c_ffn = ffn_forward(x1, **p["ffn"], act=act, ops=ops)         # [B, n', H]
-    f, keep_f = dropout_forward(f, p_hidden, rng)
-    s2 = f + x1                                                      # [B, n', H]
-    cache.update({"ffn": c_ffn, "keep_f": keep_f, "s2": s2})
-    return ref.layer_norm(s2, **p["ffn_ln"], eps=eps), mask, sizes, cache
+class Tape:
+    """The training ops: reference.bert_forward's ops contract, each op the reference's (or its `*_forward`
+    twin above) plus dropout, writing what the backward needs on the tape as the loop runs.
+
+    A layer's ops come in the loop's order: attention (opens the layer's record), add_layer_norm (s1),
+    reduce (FCA layers only), ffn, add_layer_norm (s2). p_hidden: dropout on the embeddings' output and
+    on the attention's and the FFN's outputs before their residual; p_attn: on the attention probabilities.
+    kernels: where `activation` comes from (this module, or minifca.kernels.cpu_grad). grad.forward runs
+    it without a trace (`reduce` records the units, not the trace's members)."""
+
+    def __init__(self, p_hidden=0.0, p_attn=0.0, rng=None, kernels=None):
+        self.p_hidden, self.p_attn, self.rng, self.kernels = p_hidden, p_attn, rng, kernels
+        self.emb, self.layers = None, []                             # embeddings_backward's cache, per layer dicts
+
+    def resident_params(self, params):
+        return params                                                # NumPy reads them where they are
+
+    def embeddings(self, ids, tt, word, position, token_type, ln, eps):
+        x, self.emb = embeddings_forward(ids, tt, word, position, token_type, ln, eps, self.p_hidden, self.rng)
+        return x                                                     # [B, L, H] (dropped out)
+
+    def attention(self, x, mask, log_size, q, k, v, o, n_head, want_probs, want_stats):
+        a, probs, keys, c_attn = attention_forward(x, mask, log_size, q, k, v, o, n_head, self.p_attn, self.rng)
+        a, keep_a = dropout_forward(a, self.p_hidden, self.rng)      # [B, n, H] before the residual
+        self.layers.append({"mask": mask, "attn": c_attn, "keep_a": keep_a, "fca": None})  # a new layer
+        stats = ref.attention_stats(probs, mask) if want_stats else None  # {name: [B, n]}
+        return a, probs, stats, keys
+
+    def add_layer_norm(self, x, residual, g, b, eps):
+        rec = self.layers[-1]
+        s = x + residual                                             # [B, n, H] what layer_norm_backward reads
+        y = ref.layer_norm(s, g, b, eps)                             # [B, n, H] = ref.add_layer_norm(x, residual)
+        rec.update({"s2": s} if "ffn" in rec else {"s1": s, "x1": y})  # after the FFN: s2; after attention: s1
+        return y
+
+    def ffn(self, x, i, o, act):
+        f, c_ffn = ffn_forward(x, i, o, act, ops=self.kernels)       # [B, n', H]
+        f, keep_f = dropout_forward(f, self.p_hidden, self.rng)      # [B, n', H] before the residual
+        self.layers[-1].update({"ffn": c_ffn, "keep_f": keep_f})
+        return f
+
+    def log_size(self, sizes):
+        return ref.log_size(sizes)                                   # [B, n] counts: no gradient
+
+    def reduce(self, state, layer, cfg, x, mask, sizes, stats, keys):
+        """One FCA layer by fca_forward (per sequence, keeping each selection for fca_backward), recorded
+        on `state` as FCAState.reduce records it (units and FLOPs count the same)."""
+        x, new_mask, sizes, cache = fca_forward(cfg, layer, x, mask, sizes, stats or {}, keys, state.seeds,
+                                                state.n_tokens)      # [B, n', H], [B, n'], [B, n']
+        self.layers[-1]["fca"] = cache
+        rows = cache["rows"]
+        n_in = np.array([len(r["valid"]) for r in rows])             # [B] units entering
+        n_merged = np.array([int((r["groups"] >= 0).sum()) for r in rows])  # [B] dropped units cost nothing
+        n_fine = [len(r["fine"]) if len(r["rest"]) else f for r, f in zip(rows, state.n_fine)]
+        scored = np.array([len(r["rest"]) > 0 for r in rows])       # [B] did the sequence shrink here?
+        state.record(layer, new_mask, merged=(n_in, n_merged, n_fine), scored=scored)
+        return x, new_mask, sizes
+
+    def reduce_batch(self, s, x, sizes, valid, k, c, active, aggregate):
+        """The contract's batched reduction (fca.reduce_batch); `reduce` above goes per sequence instead."""
+        return fca_mod.reduce_batch(s, x, sizes, valid, k, c, active, aggregate)  # [B, N, H], [B, N]
+
+    def to_host(self, a):
+        return a                                                     # NumPy already
 
 
 def layer_backward(dy, cache, p, cfg, fca=None, ops=None):
@@ -375,18 +427,14 @@ def forward(params, cfg, ids, mask, tt, fca=None, dropout=0.0, attn_dropout=None
         check_trainable(fca)
         fca.check_layers(cfg.num_hidden_layers)
     mask = (np.asarray(mask) > 0).astype(np.float32)                 # [B, L]
-    x, c_emb = embeddings_forward(ids, tt, **params["embeddings"], eps=cfg.layer_norm_eps, p=p_hidden, rng=rng)
-    sizes = mask.copy()                                              # [B, n]
-    state = None
-    if fca is not None:
-        state = (fca_mod.sequence_seeds(ids, mask) if seeds is None else seeds, mask.sum(1).astype(np.int64))
-    layers = []
-    for layer, p in enumerate(params["layers"]):
-        x, mask, sizes, c = layer_forward(x, mask, sizes, p, cfg, fca, layer, state, p_hidden, p_attn, rng, ops)
-        layers.append(c)
+    if fca is not None and seeds is None:
+        seeds = fca_mod.sequence_seeds(ids, mask)                    # [B]
+    tape = Tape(p_hidden, p_attn, rng, ops)
+    run = ref.bert_forward(params, cfg, ids, mask, tt, fca=fca, ops=tape, seeds=seeds)  # the one layer loop
+    x, mask, sizes = run["last_hidden_state"], run["mask"], run["sizes"]  # [B, n, H], [B, n], [B, n]
     out = {"last_hidden_state": x, "mask": mask, "sizes": sizes, "embeddings": ref.mean_pool(x, mask, sizes),
            "pooler_output": None, "logits": None}
-    cache = {"emb": c_emb, "layers": layers, "fca": fca, "x": x, "mask": mask, "sizes": sizes, "ops": ops}
+    cache = {"emb": tape.emb, "layers": tape.layers, "fca": fca, "x": x, "mask": mask, "sizes": sizes, "ops": ops}
     if "pooler" in params:
         out["pooler_output"] = ref.pooler(x, **params["pooler"])     # [B, H]
         if "classifier" in params:

@@ -34,9 +34,9 @@ def test_every_backend_provides_exactly_the_ops_contract():
     """kernels.OPS (written out in kernels/__init__.py): each backend has every op, with those arguments."""
     import inspect
 
-    from minifca import kernels, reference
+    from minifca import grad, kernels, reference
     from minifca.kernels import cpu, cuda
-    for backend, drop_self in ((reference, False), (cpu, False), (cuda.CudaOps, True)):
+    for backend, drop_self in ((reference, False), (cpu, False), (cuda.CudaOps, True), (grad.Tape, True)):
         for op, args in kernels.OPS.items():
             fn = getattr(backend, op, None)
             assert callable(fn), f"{backend.__name__} has no {op}"
@@ -46,17 +46,39 @@ def test_every_backend_provides_exactly_the_ops_contract():
 
 def test_the_one_layer_loop_calls_only_the_contract():
     """reference.bert_forward is the loop every backend runs: what it (and FCA through `reduce`) asks of
-    `ops` is the contract, no more and no less; no backend has a forward of its own."""
+    `ops` is the contract, no more and no less; no backend (training's Tape included) has a forward of its own."""
     import ast
     import inspect
 
-    from minifca import kernels, reference
+    from minifca import grad, kernels, reference
     from minifca.kernels import cpu, cuda
     tree = ast.parse(inspect.getsource(reference.bert_forward))
     used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
             and n.value.id == "ops"}
     assert used | {"reduce_batch"} == set(kernels.OPS), used           # reduce_batch: what each `reduce` uses
-    assert not any(hasattr(b, "bert_forward") for b in (cpu, cuda.CudaOps))
+    assert not any(hasattr(b, "bert_forward") for b in (cpu, cuda.CudaOps, grad.Tape))
+
+
+def test_no_layer_loop_outside_the_reference():
+    """No loop over the layers in the package runs a layer forward (attention, ffn or their training
+    twins) except reference.bert_forward's: the training forward (grad.forward) runs that one too.
+    Loops that only walk the weights (packing, uploading, saving) or the backward's reversed walk pass."""
+    import ast
+    import inspect
+
+    from minifca import reference
+    forward_ops = {"attention", "attention_forward", "ffn", "ffn_forward", "layer_forward"}
+    loops = []                                                       # (file, line) of each layer-forward loop
+    for path in sorted((ROOT / "minifca").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for loop in (n for n in ast.walk(tree) if isinstance(n, ast.For) and "layers" in ast.unparse(n.iter)):
+            called = {c.func.attr if isinstance(c.func, ast.Attribute) else getattr(c.func, "id", None)
+                      for c in ast.walk(loop) if isinstance(c, ast.Call)}
+            if called & forward_ops:
+                loops.append((str(path.relative_to(ROOT)), loop.lineno))
+    lines, first = inspect.getsourcelines(reference.bert_forward)
+    assert [f for f, _ in loops] == ["minifca/reference.py"], loops
+    assert first <= loops[0][1] < first + len(lines), loops          # and it is bert_forward's
 
 
 def test_activation_names_are_the_references():

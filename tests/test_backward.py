@@ -185,6 +185,23 @@ def test_training_forward_equals_reference(tiny):
         np.testing.assert_array_equal(out["last_hidden_state"], want["last_hidden_state"])
 
 
+def test_training_ops_count_units_as_reference(tiny):
+    """grad.Tape's `reduce` records on the FCAState what FCAState.reduce records (units, FLOPs, kinds)."""
+    model, _ = tiny
+    rng = np.random.default_rng(3)
+    ids, mask, tt = batch(rng, 120, 4, 14)
+    seeds = minifca.fca.sequence_seeds(ids, mask)
+    for fca in (FCAConfig(keep=0.5), FCAConfig(keep=0.6, aggregate="clusters", clusters=2, score="cls_attention")):
+        want = reference.bert_forward(model.params, model.config, ids, mask, tt, fca=fca, seeds=seeds)["units"]
+        got = reference.bert_forward(model.params, model.config, ids, mask, tt, fca=fca, seeds=seeds,
+                                     ops=grad.Tape())["units"]
+        assert len(got) == len(want) == model.config.num_hidden_layers
+        for g, w in zip(got, want):
+            assert set(g) == set(w)
+            for name in w:
+                np.testing.assert_array_equal(g[name], w[name], err_msg=name)
+
+
 # ---------------------------------------------------------------- without FCA: against transformers itself
 
 
