@@ -384,7 +384,8 @@ def from_pretrained(name_or_path, backend="numba", *, threads=None, revision=Non
     params = to_params(load_state(files, cfg, mmap=bool(mmap)), cfg)
     if backend == "numba":
         from .kernels import cpu
-        mapped, params = params, cpu.lay_out(params)                 # weights in the layout its products want
+        release_pages(params)                                        # pages the load-time checks read
+        mapped, params = params, cpu.lay_out(params, after_each_layer=release_pages)  # the layout its products want;
         release_pages(mapped)                                        # the copies are what it holds now
     tok = None
     if (folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file():

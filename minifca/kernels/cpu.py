@@ -440,22 +440,26 @@ def reduce_batch(s, x, sizes, valid, k, c, active, aggregate):
 FEW_ROWS = (2, 80)   # row counts for which OpenBLAS runs w @ x^T faster than x @ w^T (see _xwt)
 
 
-def lay_out(params):
+def lay_out(params, after_each_layer=None):
     """The encoder layers' linear weights laid out once, at load, for the product that uses them: each [out, in]
     weight becomes a Fortran-ordered copy (still [out, in], the same values, to every reader; in memory [in, out]),
     so x @ w^T is BLAS's plain no-transpose product, the fastest OpenBLAS has for these products at every row count
     (one core, CPU time: 1.0-1.5x faster than the best of x @ w^T and w @ x^T on [out, in] rows, most at 8-128
     rows; benchmarks/ab_weight_layout.py). The copies replace the memory-mapped originals, which the model then no
-    longer holds (from_pretrained unmaps the file's pages read while copying: weights.release_pages), so resident
-    memory holds the layer weights once. Embeddings, pooler and heads keep the checkpoint's layout."""
+    longer holds (from_pretrained unmaps the file's pages read while copying: weights.release_pages, called as
+    `after_each_layer(original_layer)` once each layer is copied), so resident memory holds the layer weights once,
+    also while loading. Embeddings, pooler and heads keep the checkpoint's layout."""
     def linear(p):
         w = np.asfortranarray(p["w"], dtype=F32)
         w.flags.writeable = False                                    # read-only, as the mapped weights
         return {**p, "w": w}
-    layers = [{**layer, "attn": {k: linear(v) if k in "qkvo" else v for k, v in layer["attn"].items()},
-               "ffn": {k: linear(v) if k in ("i", "o") else v for k, v in layer["ffn"].items()}}
-              for layer in params["layers"]]
-    return {**params, "layers": layers}
+    def copy(layer):
+        laid = {**layer, "attn": {k: linear(v) if k in "qkvo" else v for k, v in layer["attn"].items()},
+                "ffn": {k: linear(v) if k in ("i", "o") else v for k, v in layer["ffn"].items()}}
+        if after_each_layer is not None:
+            after_each_layer(layer)
+        return laid
+    return {**params, "layers": [copy(layer) for layer in params["layers"]]}
 
 
 def _xwt(x2, w):
