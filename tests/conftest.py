@@ -87,6 +87,13 @@ def minilm_path():
     return minifca.default_model_path()
 
 
+@pytest.fixture(scope="module")
+def minilm(minilm_path):
+    """all-MiniLM-L6-v2 on the default backend, loaded once per test module (a module may define its own)."""
+    import minifca
+    return minifca.from_pretrained(minilm_path)
+
+
 @pytest.fixture(scope="session")
 def sst2_path():
     assert SST2_MODEL.is_dir(), f"shared SST-2 checkpoint missing at {SST2_MODEL}"

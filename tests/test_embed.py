@@ -14,11 +14,6 @@ from conftest import EPS32, SST2_TRAIN, assert_f32_close, model_bound, read_sst2
 
 
 @pytest.fixture(scope="module")
-def minilm(minilm_path):
-    return minifca.from_pretrained(minilm_path)
-
-
-@pytest.fixture(scope="module")
 def sst2(sst2_path):
     return minifca.from_pretrained(sst2_path)
 

@@ -8,17 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-import minifca
 from minifca.cli import main
 from minifca.embedding import embed_file, open_writer, read_texts, write_vectors
 from minifca.errors import InputError
 
 from conftest import SST2_TRAIN, model_bound, read_sst2
-
-
-@pytest.fixture(scope="module")
-def minilm(minilm_path):
-    return minifca.from_pretrained(minilm_path)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 
+from ..bench import times_ms
 from ..progress import progress
 from ..reference import softmax
 from ..sentence import l2_normalize, pool
@@ -37,10 +38,7 @@ def run_texts(model, texts, fca, max_length=None, batch_size=32, repeats=3, show
                           pool(out.last_hidden_state, out.mask, out.sizes, model.sentence.pooling))
             bar.update(len(rows))
     if len(batches) == 1:
-        for _ in range(repeats - 1):
-            t = time.perf_counter()
-            model(batches[0][1], fca=fca)
-            times.append(time.perf_counter() - t)
+        times += [ms / 1e3 for ms in times_ms(lambda: model(batches[0][1], fca=fca), repeats - 1, warmup=0)]
         seconds = float(np.median(times))
         timed = f"median of {len(times)} forwards of the one batch of {n}, after a warm-up forward"
     else:
