@@ -168,13 +168,15 @@ def find_schedule(model, data: Texts, target, base=None, samples=512, seed=0, ba
 def distill(model, data, out, fca=None, target_flops=None, base=None, teacher=None, steps=None, epochs=1.0, batch_size=32,
             accumulate=1, lr=5e-5, warmup=0.06, weight_decay=0.01, clip=1.0, dropout=0.1, seed=0, ce=1.0, kl=1.0,
             temperature=1.0, embedding_loss="cosine", max_length=128, resume=False, save_every=0,
-            calibration_samples=512, progress_bar=None, log=print):
+            calibration_samples=512, progress_bar=None, log_every=60.0, log=print):
     """Train `model` (a folder) with FCA on `data` (a file) and write the result to `out`. Returns a summary.
 
     fca: an FCAConfig (or a schedule file), or None with target_flops to calibrate one first (with the rules
     of `base`, an FCAConfig whose keep is ignored). steps: optimizer
     steps (default: `epochs` passes over the data, batch_size * accumulate examples per step).
     Ctrl-C saves the last finished step (then exits with KeyboardInterrupt); resume=True continues from `out`.
+    progress_bar: True, False, or None (a bar when stderr is a terminal); without a bar a line goes to `log`
+    every `log_every` seconds (step, loss, examples/s, ETA), so a run written to a file shows where it is.
     """
     if isinstance(fca, (str, Path)):
         fca = FCAConfig.load(fca)
@@ -226,6 +228,7 @@ def distill(model, data, out, fca=None, target_flops=None, base=None, teacher=No
     history, t0, seen = [], time.perf_counter(), 0
     bar = progress(total, "distill", progress_bar, unit="step")
     bar.update(done)
+    last_line = time.perf_counter()
 
     def save():
         meta["steps_done"] = opt.t
@@ -256,6 +259,11 @@ def distill(model, data, out, fca=None, target_flops=None, base=None, teacher=No
             rate = seen / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{loss_sum / accumulate:.4f}", ex_s=f"{rate:.1f}")
             bar.update(1)
+            if bar.disable and time.perf_counter() - last_line >= log_every:
+                last_line = time.perf_counter()
+                eta = (total - step - 1) * per_step / rate
+                log(f"step {step + 1}/{total}: loss {loss_sum / accumulate:.4f}, {rate:.1f} examples/s, "
+                    f"ETA {eta / 60:.1f} min")
             if save_every and (step + 1) % save_every == 0:
                 save()
     except KeyboardInterrupt:

@@ -46,6 +46,15 @@ def data_loss(folder, tsv, fca, teacher):
 KW = {"batch_size": 8, "lr": 3e-3, "warmup": 1, "dropout": 0.1, "seed": 1, "max_length": 32}
 
 
+def test_without_a_bar_the_log_gets_progress_lines(tiny, train_tsv, tmp_path):
+    lines = []
+    distill_mod.distill(tiny, train_tsv, tmp_path / "out", fca=FCAConfig(keep=[0.6, 0.4]), steps=3, progress_bar=False,
+                        log_every=0, log=lines.append, **KW)
+    steps = [s for s in lines if s.startswith("step ")]
+    assert [s.split(":")[0] for s in steps] == ["step 1/3", "step 2/3", "step 3/3"], lines
+    assert all("examples/s" in s and "ETA" in s and "loss" in s for s in steps)
+
+
 def test_loss_falls_and_transformers_loads_the_result(tiny, train_tsv, tmp_path):
     fca = FCAConfig(keep=[0.6, 0.4], aggregate="weighted")
     before = data_loss(tiny, train_tsv, fca, tiny)

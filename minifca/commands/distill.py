@@ -22,7 +22,7 @@ def cmd_distill(args):
                 clip=args.clip, dropout=args.dropout, seed=args.seed, ce=args.ce, kl=args.kl,
                 temperature=args.temperature, embedding_loss=args.embedding_loss, max_length=args.max_length,
                 resume=args.resume, save_every=args.save_every, calibration_samples=args.calibration_samples,
-                progress_bar=None, log=log)
+                progress_bar=None, log_every=args.log_every, log=log)
     if not emit({k: v for k, v in r.items() if k != "history"} | {"final_loss": r["history"][-1]["loss"]
                                                                     if r["history"] else None}, args.json):
         last = r["history"][-1]["loss"] if r["history"] else float("nan")
@@ -64,5 +64,8 @@ def register(subparsers, parents):
     p.add_argument("--max-length", type=int_at_least(2), default=128, help="truncate inputs (default 128 tokens)")
     p.add_argument("--save-every", type=int_at_least(0), default=0, help="also save every N steps (0: at the end)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--log-every", type=float, default=60.0, metavar="SECONDS",
+                   help="without a progress bar (stderr not a terminal): a line with step, loss, examples/s and "
+                        "ETA every SECONDS (default 60)")
     add_json(p)
     p.set_defaults(func=cmd_distill)
