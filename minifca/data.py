@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,3 +162,99 @@ def label_ids(labels, cfg, source="data") -> np.ndarray:
         out.append(i)
     return np.array(out, np.int64)
 
+
+
+@dataclass
+class Similarity:
+    """Sentence pairs with a gold similarity score (STS Benchmark): what `similarity.evaluate_similarity` reads."""
+    texts: list                 # [N] first sentences
+    pairs: list                 # [N] second sentences
+    scores: np.ndarray          # [N] float64 gold scores (0-5 in STS-B)
+    source: str
+
+    def __len__(self):
+        return len(self.texts)
+
+
+def looks_like_sts(path) -> bool:
+    """Whether `path` is a file whose first line reads as an STS Benchmark line (no header, a numeric 5th field)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            first = f.readline().rstrip("\r\n").split("\t")
+        float(first[4])
+    except (OSError, UnicodeDecodeError, ValueError, IndexError):
+        return False
+    return len(first) >= 7
+
+
+def read_sts(path) -> Similarity:
+    """An STS Benchmark file as distributed (sts-train.csv / sts-dev.csv): tab-separated, no header, no quoting,
+    `genre file year id score sentence1 sentence2 [source columns]`; columns 4-6 are read, the rest ignored."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except FileNotFoundError:
+        raise InputError(f"{path}: data file not found") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    texts, pairs, scores = [], [], []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        f = line.split("\t")
+        try:
+            score = float(f[4]) if len(f) >= 7 else math.nan
+        except ValueError:
+            score = math.nan
+        if not math.isfinite(score) or not f[5].strip() or not f[6].strip():
+            raise InputError(f"{path}:{i + 1}: not an STS line (genre, file, year, id, a numeric score, sentence1, "
+                             f"sentence2, tab-separated)")
+        texts.append(f[5].strip())
+        pairs.append(f[6].strip())
+        scores.append(score)
+    if not texts:
+        raise InputError(f"{path}: no sentence pairs")
+    return Similarity(texts, pairs, np.array(scores), str(path))
+
+
+@dataclass
+class Texts:
+    """Training text: texts [N], pairs [N] or None, labels [N] class ids or None (unlabelled)."""
+    texts: list
+    pairs: list | None
+    labels: np.ndarray | None
+    source: str
+
+    def __len__(self):
+        return len(self.texts)
+
+
+def read_training_data(path, cfg=None) -> Texts:
+    """Training text for `distill` and `calibrate`: a labelled TSV/parquet (read_file; labels as class ids of
+    cfg, or None without cfg), a TSV with a text column and no labels, or one text per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: training data file not found")
+    if path.suffix != ".txt":
+        try:
+            d = read_file(path)
+            labels = None if cfg is None else label_ids(d.labels, cfg, str(path))
+            return Texts(d.texts, d.pairs, labels, str(path))
+        except InputError as e:
+            if "no label column" not in str(e):
+                raise
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = [line for line in lines if line]
+    header = [h.strip().lower() for h in lines[0].split("\t")] if lines else []
+    column = next((header.index(c) for c in ("sentence", "text") if c in header), None)
+    if column is not None:                                           # a TSV without labels: its text column
+        lines = [r.split("\t")[column] for r in lines[1:] if len(r.split("\t")) > column]
+    if not lines:
+        raise InputError(f"{path}: no text to train on")
+    return Texts(lines, None, None, str(path))

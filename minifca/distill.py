@@ -21,14 +21,13 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import grad
 from .calibrate import calibrate
-from .data import Dataset, label_ids, read_file
+from .data import Dataset, Texts, read_training_data
 from .errors import ConfigError, InputError
 from .fca import FCAConfig
 from .kernels import cpu_grad
@@ -39,45 +38,6 @@ from .weights import _canonical, find_weight_files, from_params, read_safetensor
 
 STATE_FILE = "training_state.safetensors"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", STATE_FILE)
-
-
-@dataclass
-class Texts:
-    """Training text: texts [N], pairs [N] or None, labels [N] class ids or None (unlabelled)."""
-    texts: list
-    pairs: list | None
-    labels: np.ndarray | None
-    source: str
-
-    def __len__(self):
-        return len(self.texts)
-
-
-def read_training_data(path, cfg=None) -> Texts:
-    """A labelled TSV/parquet (data.read_file), a TSV with a text column and no labels, or one text per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: training data file not found")
-    if path.suffix != ".txt":
-        try:
-            d = read_file(path)
-            labels = None if cfg is None else label_ids(d.labels, cfg, str(path))
-            return Texts(d.texts, d.pairs, labels, str(path))
-        except InputError as e:
-            if "no label column" not in str(e):
-                raise
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    lines = [line for line in lines if line]
-    header = [h.strip().lower() for h in lines[0].split("\t")] if lines else []
-    column = next((header.index(c) for c in ("sentence", "text") if c in header), None)
-    if column is not None:                                           # a TSV without labels: its text column
-        lines = [r.split("\t")[column] for r in lines[1:] if len(r.split("\t")) > column]
-    if not lines:
-        raise InputError(f"{path}: no text to train on")
-    return Texts(lines, None, None, str(path))
 
 
 def no_decay(name):

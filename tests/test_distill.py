@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import minifca
-from minifca import FCAConfig, cli, distill as distill_mod, grad
+from minifca import FCAConfig, cli, data as data_mod, distill as distill_mod, grad
 from minifca.weights import read_safetensors
 
 from conftest import SST2_MODEL, SST2_TRAIN, model_bound, read_sst2, torch_reference, write_random_checkpoint
@@ -36,7 +36,7 @@ def data_loss(folder, tsv, fca, teacher):
     """The training loss (cross-entropy + KL to the teacher, no dropout) of a checkpoint on the whole file."""
     m = minifca.from_pretrained(folder, backend="numpy")
     teacher = minifca.from_pretrained(teacher, backend="numpy")
-    d = distill_mod.read_training_data(tsv, m.config)
+    d = data_mod.read_training_data(tsv, m.config)
     enc = m.tokenize(d.texts)
     out, _ = grad.forward(m.params, m.config, enc.input_ids, enc.attention_mask, enc.token_type_ids, fca=fca)
     t = teacher(enc).logits
@@ -113,7 +113,7 @@ def test_unlabelled_text_with_calibrated_schedule(tiny, tmp_path):
     texts, _ = read_sst2(SST2_TRAIN, limit=24)
     path = tmp_path / "sentences.txt"
     path.write_text("\n".join(texts) + "\n")
-    d = distill_mod.read_training_data(path)
+    d = data_mod.read_training_data(path)
     assert d.labels is None and d.texts == texts
     r = distill_mod.distill(tiny, path, tmp_path / "out", target_flops=0.7, steps=3, calibration_samples=16,
                             progress_bar=False, log=lambda s: None, **KW)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..calibrate import calibrate, check_training_data, least_sure, parse_rule
+from ..data import Dataset, read_training_data
 from ..errors import ConfigError, InputError
 from ..fca import FCAConfig
 from .common import (
@@ -26,15 +27,19 @@ from .common import (
 def cmd_calibrate(args):
     if Path(args.out).is_dir():                                     # before the search, not after it
         raise InputError(f"{args.out}: is a folder; --out is the schedule file to write (e.g. {args.out}/schedule.json)")
-    data = data_from_args(args)
+    model = load_model(args)
+    objective = "logits" if "classifier" in model.params else "embeddings"  # a sentence encoder: its embeddings
+    data = data_from_args(args) if objective == "logits" else unlabelled_from_args(args)
     check_training_data(data)
+    if objective == "embeddings" and args.pool:
+        raise ConfigError(f"{model.path}: --pool picks the examples a classifier is least sure of; this checkpoint "
+                          "has no classifier head (its schedule is searched on embeddings: drop --pool)")
     log = lambda s: print(s, file=sys.stderr)
     rng = np.random.default_rng(args.seed)
     idx = [i for i, t in enumerate(data.texts) if len(t.split()) >= args.min_words]
     if not idx:
         raise InputError(f"{data.source}: no example has >= {args.min_words} words (--min-words)")
     idx = rng.choice(idx, size=min(max(args.samples, args.pool), len(idx)), replace=False).tolist()  # random order
-    model = load_model(args)
     with runner_from_args(args) as runner:                        # the search's passes, here or on --cluster
         if args.pool > args.samples:                                    # keep the examples the full model is least sure of
             log(f"pool: the full model on {len(idx)} training examples, keeping the {args.samples} with the smallest margin")
@@ -55,13 +60,14 @@ def cmd_calibrate(args):
         elif 0 < args.descent_samples < len(sample):                      # a cheap descent first, then all of the sample
             log(f"descent on the first {args.descent_samples} examples of the sample")
             first, _ = calibrate(model, sample.subset(range(args.descent_samples)), args.target_flops, base, args.step,
-                                 args.floor, args.batch_size, refine=0, log=log, runner=runner)
+                                 args.floor, args.batch_size, refine=0, log=log, runner=runner,
+                                 objective=objective)
             start = first.keep
             log(f"continuing on all {len(sample)} examples from keep {start}")
         cfg, best = calibrate(model, sample, args.target_flops, base, args.step, args.floor, args.batch_size,
-                              args.refine, rules, start, log=log, runner=runner)
+                              args.refine, rules, start, log=log, runner=runner, objective=objective)
     d = cfg.to_dict()
-    d["meta"] = {"made_by": "minifca calibrate", "model": str(model.path), "data": data.source,
+    d["meta"] = {"made_by": "minifca calibrate", "model": str(model.path), "data": data.source, "objective": objective,
                  "samples": len(sample), "pool": args.pool, "min_words": args.min_words, "seed": args.seed,
                  "target_flops": args.target_flops, "step": args.step,
                  "descent_samples": args.descent_samples,
@@ -70,8 +76,19 @@ def cmd_calibrate(args):
                  "seconds": round(time.perf_counter() - t, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(d, indent=2) + "\n")
-    print(f"keep {cfg.keep}: FLOPs {best['flops_ratio']:.3f} of the full model, agreement {best['agreement']:.4f} "
+    agree = "agreement" if objective == "logits" else "mean cosine to the full model's embeddings"
+    print(f"keep {cfg.keep}: FLOPs {best['flops_ratio']:.3f} of the full model, {agree} {best['agreement']:.4f} "
           f"on {len(sample)} training examples -> {args.out}")
+
+
+def unlabelled_from_args(args):
+    """The texts of --data for a checkpoint without a classifier: a labelled file's texts, or unlabelled text
+    (one per line, or a TSV with a text column), as `distill` reads them; labels are not used."""
+    if args.subset or args.split:
+        raise InputError(f"{args.data}: --subset/--split choose a labelled split; a sentence encoder's schedule is "
+                         "searched on a text file (drop them)")
+    t = read_training_data(args.data)
+    return Dataset(t.texts, t.pairs, [0] * len(t), t.source)
 
 
 
@@ -80,7 +97,9 @@ def register(subparsers, parents):
                               description="A gradient-free search (greedy descent, then coordinate moves) for the "
                                           "per-layer keep ratios that agree most with the full model on a sample of "
                                           "the TRAINING data, with FLOPs <= --target-flops of the full model "
-                                          "(unpadded). The FCA flags choose the rules (and a keep given by "
+                                          "(unpadded). A checkpoint without a classifier head (a sentence encoder) is "
+                                          "scored on unlabelled text by the mean cosine of its embeddings to the "
+                                          "full model's. The FCA flags choose the rules (and a keep given by "
                                           "--fca-keep/--fca-schedule is where the search starts); writes a "
                                           "schedule JSON for --fca-schedule.")
     add_data_flags(p, "train")

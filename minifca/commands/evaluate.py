@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import sys
 
+from ..data import looks_like_sts, read_sts
+from ..errors import InputError
 from ..evaluate import evaluate_many
 from ..fca import FCAConfig
+from ..similarity import evaluate_similarity
 from .common import (
     add_cluster,
     add_data_flags,
@@ -39,11 +42,37 @@ def speed(timed, seconds, n):
     return rate + (f" over the {timed} examples run now; {n - timed} came from --out)" if timed < n else ")")
 
 
+def print_similarity(r):
+    print(f"{r['model']} on {r['data']} ({r['pairs']} sentence pairs; Spearman of the cosine similarity)")
+    print(f"FCA: {FCAConfig.from_dict(r['fca']).describe() if r['fca'] else 'off (the full model)'}")
+    if r["fca"]:
+        print(f"Spearman   {r['spearman']:.4f}  (full model {r['spearman_full']:.4f}, "
+              f"{100 * (r['spearman'] - r['spearman_full']):+.2f} points)")
+        print(f"cosine     {r['cosine_to_full']:.4f}  mean, each sentence's embedding to the full model's")
+    else:
+        print(f"Spearman   {r['spearman']:.4f}")
+    print(f"FLOPs      {r['flops'] / 1e9:.2f} G = {r['flops_ratio']:.1%} of the full model on the real tokens")
+
+
+def cmd_similarity(args, model, fcas):
+    """eval on an STS Benchmark file: Spearman of the pairs' cosine similarity, per configuration."""
+    if args.out or args.cluster or args.limit:
+        raise InputError("eval on sentence pairs with similarity scores (STS) takes no --out, --cluster or --limit")
+    data = read_sts(args.data)
+    res = [evaluate_similarity(model, data, f, args.batch_size) for f in fcas]
+    if not emit(res[0] if len(res) == 1 else res, args.json):
+        for i, (f, r) in enumerate(zip([None] * (len(fcas) - len(args.schedules or ())) + list(args.schedules or ()), res)):
+            print(("\n" if i else "") + (f"schedule {f}\n" if f else ""), end="")
+            print_similarity(r)
+
+
 def cmd_eval(args):
     model = load_model(args)
     fca = fca_from_args(args, model.config.num_hidden_layers)
     schedules = [FCAConfig.load(f) for f in args.schedules or ()]
     fcas = ([fca] if fca is not None or not schedules else []) + schedules   # the flags' configuration, then the files
+    if looks_like_sts(args.data):
+        return cmd_similarity(args, model, fcas)
     data = data_from_args(args, args.limit)
     try:
         with runner_from_args(args) as runner:
@@ -63,10 +92,13 @@ def cmd_eval(args):
 
 def register(subparsers, parents):
     p = subparsers.add_parser("eval", parents=[parents["model"], parents["fca"]],
-                              help="accuracy, agreement and FLOPs of FCA on a labelled data set",
+                              help="accuracy, agreement and FLOPs of FCA on a labelled data set (or STS similarity)",
                               description="Runs the full model and the FCA configuration over a GLUE-style data set; "
                                           "prints accuracy, agreement with the full model, FLOPs against the "
-                                          "unpadded and the padded full model, and examples/s.")
+                                          "unpadded and the padded full model, and examples/s. On an STS "
+                                          "Benchmark file (sts-dev.csv: pairs with a 0-5 similarity score) it "
+                                          "embeds both sentences of each pair and prints the Spearman correlation "
+                                          "of their cosine similarity with the gold scores, with and without FCA.")
     add_data_flags(p, "validation")
     p.add_argument("--limit", type=int_at_least(1), default=None, help="only the first N examples")
     p.add_argument("--pad-to", type=int_at_least(1), default=64, help="padded length of the padded FLOPs baseline (default 64, "
