@@ -12,19 +12,13 @@ from .errors import ConfigError, InputError
 from .evaluate import make_batches, predict, predict_many
 from .fca import FCAConfig
 from .reference import softmax
+from .similarity import embedding_pass
 
 
-def embedding_pass(model, batches, fca):
-    """Mean-pooled embeddings [N, H] (data order) and the FLOPs of one pass: what `calibrate` compares on
-    unlabelled text."""
-    embs, flops, full = [], 0, 0
-    for _, enc in batches:
-        out = model(enc, fca=fca)
-        embs.append(out.embeddings.astype(np.float64))
-        flops, full = flops + out.flops, full + out.flops_full
-    order = np.concatenate([i for i, _ in batches])
-    emb = np.empty((len(order), embs[0].shape[1]))
-    emb[order] = np.concatenate(embs)
+def unit_embeddings(model, batches, fca):
+    """The pass's embeddings [N, H] at unit length (data order), its FLOPs and the full model's: what
+    `calibrate` compares on unlabelled text (agreement = the mean cosine to the full model's)."""
+    emb, flops, full = embedding_pass(model, batches, fca)
     return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12), flops, full
 
 
@@ -53,7 +47,7 @@ def calibrate(model, data, target, base=None, step=0.2, floor=0.01, batch_size=6
     layers = model.config.num_hidden_layers
     batches = make_batches(model, data, batch_size)
     if objective == "embeddings":
-        e_full = embedding_pass(model, batches, None)[0]             # [N, H] unit vectors
+        e_full = unit_embeddings(model, batches, None)[0]             # [N, H] unit vectors
     else:
         p_full = softmax(predict(model, data, None, batches, None, runner=runner)["logits"])  # [N, C]
         full_pred = p_full.argmax(1)
@@ -71,7 +65,7 @@ def calibrate(model, data, target, base=None, step=0.2, floor=0.01, batch_size=6
         fcas = [FCAConfig(**{**base, **json.loads(k[1]), "keep": list(k[0])}) for k in new]
         if objective == "embeddings":
             for k, fca in zip(new, fcas):
-                e, flops, full = embedding_pass(model, batches, fca)
+                e, flops, full = unit_embeddings(model, batches, fca)
                 seen[k] = {"keep": list(k[0]), "rule": json.loads(k[1]), "agreement": float((e * e_full).sum(1).mean()),
                            "kl": 0.0, "flops_ratio": flops / full}
             return [seen[k] for k in keys]

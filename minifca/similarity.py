@@ -32,19 +32,27 @@ def spearman(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def pair_embeddings(model, data: Similarity, fca=None, batch_size=64):
-    """(first [N, H], second [N, H], FLOPs with fca, FLOPs of the full model on the real tokens): every
-    sentence of the pairs embedded once, in sorted batches, as `model.embed` does."""
-    texts = data.texts + data.pairs                                  # [2N]
-    texts, max_length, truncation = model.sentence_inputs(texts)
-    emb = np.empty((len(texts), model.config.hidden_size), np.float64)  # [2N, H]
-    flops = flops_full = 0
-    for rows, enc in model.batches(texts, None, batch_size, max_length, truncation):
+def embedding_pass(model, batches, fca=None):
+    """One pass over batches [(rows, Encoding)]: the embeddings [N, H] float64 in data order (rows give each
+    batch's places), pooled as the checkpoint says (mean by default), the FLOPs with fca and the full model's
+    FLOPs on the real tokens."""
+    parts, flops, full = [], 0, 0
+    for rows, enc in batches:
         out = model(enc, fca=fca)
-        emb[rows] = pool(out.last_hidden_state, out.mask, out.sizes, model.sentence.pooling)
-        flops, flops_full = flops + out.flops, flops_full + out.flops_full
-    n = len(data)
-    return emb[:n], emb[n:], flops, flops_full
+        parts.append((rows, pool(out.last_hidden_state, out.mask, out.sizes, model.sentence.pooling)))
+        flops, full = flops + out.flops, full + out.flops_full
+    emb = np.empty((sum(len(r) for r, _ in parts), model.config.hidden_size))  # [N, H]
+    for rows, v in parts:
+        emb[rows] = v                                                # [b, H] into data order
+    return emb, flops, full
+
+
+def pair_embeddings(model, data: Similarity, fca=None, batch_size=64):
+    """(first [N, H], second [N, H], FLOPs with fca, the full model's FLOPs): every sentence of the pairs
+    embedded once, in sorted batches and with the checkpoint's truncation, as `model.embed` does."""
+    texts, max_length, truncation = model.sentence_inputs(data.texts + data.pairs)  # [2N]
+    emb, flops, full = embedding_pass(model, model.batches(texts, None, batch_size, max_length, truncation), fca)
+    return emb[:len(data)], emb[len(data):], flops, full
 
 
 def cosines(a, b) -> np.ndarray:
