@@ -29,6 +29,10 @@ NAMES = {
            "fca.FCAState"],
     "05": ["fca.FCAConfig", "fca.SCORES", "fca.register_score", "fca.FCAState", "fca.reduce_sequence",
            "reference.bert_forward", "reference.attention_stats"],
+    "06": ["reference.attention", "reference.add_layer_norm", "fca.SCORES", "fca.reduce_sequence", "fca.merge",
+           "grad.fca_forward", "grad.fca_backward", "grad.softmax_backward", "grad.received_backward",
+           "grad.attention_backward", "grad.layer_backward", "grad.forward", "grad.backward", "grad.cross_entropy",
+           "grad.kl_to_teacher", "distill.distill"],
 }
 
 
