@@ -91,7 +91,7 @@ def attention(x, mask, log_size, q, k, v, o, n_head, want_probs=True, want_stats
     d = H // n_head
     heads = lambda t: t.reshape(B, n, n_head, d).transpose(0, 2, 1, 3)  # [B, n, H] -> [B, h, n, d]
     Q, K, V = heads(linear(x, **q)), heads(linear(x, **k)), heads(linear(x, **v))  # [B, h, n, d]
-    logits = Q @ K.transpose(0, 1, 3, 2) / np.float32(np.sqrt(d))    # [B, h, n, n]
+    logits = Q @ K.transpose(0, 1, 3, 2) / x.dtype.type(np.sqrt(d))  # [B, h, n, n]
     bias = np.where(mask > 0, np.float32(0), NEG)                     # [B, n]
     if log_size is not None:
         bias = bias + log_size                                       # [B, n]
