@@ -3,9 +3,10 @@
 The student is the checkpoint running FCA; the teacher the same checkpoint without FCA (or another one).
 
     labelled TSV (sentence<TAB>label, GLUE pairs)   loss = ce * cross-entropy + kl * T^2 KL(teacher || student)
-    unlabelled text (one per line, or a TSV with a
-    sentence/text column and no label)             loss = 1 - cos(student, teacher) of the mean-pooled
-                                                    embeddings (or their MSE)
+    unlabelled text (one per line, or a TSV with a  a classifier: loss = kl * T^2 KL(teacher || student), the
+    sentence/text column and no label)             teacher's logits as the only target (any text will do);
+                                                    a sentence encoder: loss = 1 - cos(student, teacher) of the
+                                                    pooled embeddings (or their MSE)
 
 AdamW (minifca.optim) with linear warm-up and decay, global gradient clipping, gradient accumulation,
 hidden and attention dropout; gradients from minifca.grad (with the Numba activations and fused AdamW of
@@ -120,7 +121,7 @@ def find_schedule(model, data: Texts, target, base=None, samples=512, seed=0, ba
     texts = [data.texts[i] for i in idx]
     pairs = None if data.pairs is None else [data.pairs[i] for i in idx]
     sample = Dataset(texts, pairs, [0] * len(texts), f"{data.source} (calibration sample)")
-    objective = "logits" if data.labels is not None and "classifier" in model.params else "embeddings"
+    objective = "logits" if "classifier" in model.params else "embeddings"  # labels are not used: the full model is
     fca, best = calibrate(model, sample, target, base, batch_size=batch_size, objective=objective, log=log)
     return fca, {**best, "objective": objective, "samples": len(texts)}
 
@@ -155,8 +156,10 @@ def distill(model, data, out, fca=None, target_flops=None, base=None, teacher=No
     cfg = start.config
     texts = read_training_data(data, cfg if "classifier" in start.params else None)
     labelled = texts.labels is not None
-    if labelled and "classifier" not in teacher_model.params:
-        raise ConfigError(f"{teacher or source}: the teacher has no classifier head for labelled data")
+    logits = "classifier" in start.params                            # the target: the teacher's logits, else embeddings
+    if logits and "classifier" not in teacher_model.params:
+        raise ConfigError(f"{teacher or source}: the teacher has no classifier head, the student has one "
+                          "(distill a classifier from a classifier)")
     calib = None
     if fca is None:
         if target_flops is None:
@@ -179,7 +182,7 @@ def distill(model, data, out, fca=None, target_flops=None, base=None, teacher=No
     total = steps if steps is not None else max(1, math.ceil(epochs * len(texts) / per_step))
     warm = round(warmup * total) if warmup < 1 else int(warmup)
     meta = {"made_by": "minifca distill", "source": str(source), "teacher": str(teacher or source),
-            "data": texts.source, "labelled": labelled, "steps": total, "batch_size": batch_size,
+            "data": texts.source, "labelled": labelled, "target": "logits" if logits else "embeddings", "steps": total, "batch_size": batch_size,
             "accumulate": accumulate, "lr": lr, "warmup_steps": warm, "weight_decay": weight_decay, "clip": clip,
             "dropout": dropout, "seed": seed, "ce": ce, "kl": kl, "temperature": temperature,
             "embedding_loss": embedding_loss, "max_length": max_length, "calibration": calib}
@@ -202,7 +205,7 @@ def distill(model, data, out, fca=None, target_flops=None, base=None, teacher=No
                 enc = start.tokenizer.pad([encodings[i] for i in idx], tokens=False)
                 labels = None if texts.labels is None else texts.labels[idx]
                 loss, g = train_step(params, cfg, teacher_model, enc, labels, fca, dropout, seed, step, micro, ce, kl,
-                                     temperature, embedding_loss)
+                                     temperature, embedding_loss, logits)
                 g = dict(grad.leaves(g))
                 if grads is None:
                     grads = g
@@ -240,18 +243,21 @@ def distill(model, data, out, fca=None, target_flops=None, base=None, teacher=No
 
 
 def train_step(params, cfg, teacher, enc, labels, fca, dropout, seed, step, micro, ce, kl, temperature,
-               embedding_loss):
-    """One micro-batch (an Encoding, its labels or None): the loss and the gradients of every parameter."""
+               embedding_loss, logits=True):
+    """One micro-batch (an Encoding, its labels or None): the loss and the gradients of every parameter.
+    logits: the student is a classifier (the teacher's logits are the target), else its embeddings are."""
     t_out = teacher(enc)                                             # no FCA, no dropout
     rng = np.random.default_rng([seed, step, micro, 1])              # dropout masks from (seed, step) alone
     out, cache = grad.forward(params, cfg, enc.input_ids, enc.attention_mask, enc.token_type_ids, fca=fca,
                               dropout=dropout, rng=rng if dropout else None, ops=cpu_grad)  # Numba activations
     d_out = {}
-    if labels is not None:
-        loss_ce, d_ce = grad.cross_entropy(out["logits"], labels)
-        loss_kl, d_kl = grad.kl_to_teacher(out["logits"], t_out.logits, temperature)
-        loss = ce * loss_ce + kl * loss_kl
-        d_out["logits"] = (ce * d_ce + kl * d_kl).astype(np.float32)
+    if logits:
+        loss, d_logits = grad.kl_to_teacher(out["logits"], t_out.logits, temperature)
+        loss, d_logits = kl * loss, kl * d_logits
+        if labels is not None:
+            loss_ce, d_ce = grad.cross_entropy(out["logits"], labels)
+            loss, d_logits = loss + ce * loss_ce, d_logits + ce * d_ce
+        d_out["logits"] = d_logits.astype(np.float32)
     else:
         fn = grad.cosine_to_teacher if embedding_loss == "cosine" else grad.mse_to_teacher
         loss, d_out["embeddings"] = fn(out["embeddings"], t_out.embeddings)

@@ -109,18 +109,47 @@ def test_interrupt_and_resume_continue_exactly(tiny, train_tsv, tmp_path, monkey
         np.testing.assert_array_equal(sa[name], sb[name], err_msg=name)
 
 
-def test_unlabelled_text_with_calibrated_schedule(tiny, tmp_path):
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    """A random 2-layer BERT without a head (a sentence encoder), with the SST-2 fine-tune's tokenizer."""
+    folder = write_random_checkpoint(tmp_path_factory.mktemp("encoder"), seed=4, head=None, hidden_size=32,
+                                     num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=64)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(SST2_MODEL / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sentences(tmp_path_factory):
     texts, _ = read_sst2(SST2_TRAIN, limit=24)
-    path = tmp_path / "sentences.txt"
+    path = tmp_path_factory.mktemp("text") / "sentences.txt"
     path.write_text("\n".join(texts) + "\n")
-    d = data_mod.read_training_data(path)
-    assert d.labels is None and d.texts == texts
-    r = distill_mod.distill(tiny, path, tmp_path / "out", target_flops=0.7, steps=3, calibration_samples=16,
+    return path
+
+
+def test_unlabelled_text_trains_an_encoders_embeddings(encoder, sentences, tmp_path):
+    d = data_mod.read_training_data(sentences)
+    assert d.labels is None and len(d.texts) == 24
+    r = distill_mod.distill(encoder, sentences, tmp_path / "out", target_flops=0.7, steps=3, calibration_samples=16,
                             progress_bar=False, log=lambda s: None, **KW)
     assert r["calibration"]["objective"] == "embeddings" and r["calibration"]["flops_ratio"] <= 0.7
     assert all(np.isfinite(h["loss"]) and 0 <= h["loss"] <= 2 for h in r["history"])  # 1 - cos lies in [0, 2]
     saved = json.loads((tmp_path / "out" / "fca.json").read_text())
     assert saved["keep"] == r["fca"]["keep"] and saved["meta"]["labelled"] is False
+    assert saved["meta"]["target"] == "embeddings"
+
+
+def test_unlabelled_text_trains_a_classifier_on_the_teachers_logits(tiny, sentences, tmp_path, monkeypatch):
+    ce_calls, kls = [], []
+    real_ce, real_kl = grad.cross_entropy, grad.kl_to_teacher
+    monkeypatch.setattr(grad, "cross_entropy", lambda *a: ce_calls.append(1) or real_ce(*a))
+    monkeypatch.setattr(grad, "kl_to_teacher", lambda *a: kls.append(real_kl(*a)) or kls[-1])
+    r = distill_mod.distill(tiny, sentences, tmp_path / "out", fca=FCAConfig(keep=[0.6, 0.4]), steps=3, kl=1.0,
+                            progress_bar=False, log=lambda s: None, **KW)
+    assert not ce_calls                                              # no labels: no cross-entropy
+    assert [h["loss"] for h in r["history"]] == [v for v, _ in kls]  # the loss is the KL to the teacher alone
+    assert json.loads((tmp_path / "out" / "fca.json").read_text())["meta"]["target"] == "logits"
 
 
 def test_cli_distill(tiny, train_tsv, tmp_path, capsys):

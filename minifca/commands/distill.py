@@ -35,8 +35,9 @@ def register(subparsers, parents):
                               help="re-train a checkpoint with FCA in place (NumPy backward, no torch)",
                               description="Train the checkpoint with FCA on, to match the same checkpoint without "
                                           "it (or --teacher). A labelled TSV: cross-entropy + KL to the teacher's "
-                                          "logits; unlabelled text (one per line, or a TSV without labels): the "
-                                          "mean-pooled embedding matches the teacher's. Writes a Hugging Face "
+                                          "logits; unlabelled text (one per line, or a TSV without labels): a "
+                                          "classifier matches the teacher's logits (KL alone), a sentence encoder "
+                                          "its pooled embedding. Writes a Hugging Face "
                                           "folder (config.json, model.safetensors, tokenizer files) with the "
                                           "schedule as fca.json; Ctrl-C saves, --resume continues.")
     p.add_argument("--model", required=True, help="the checkpoint folder to train (the student)")
