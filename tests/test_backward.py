@@ -431,6 +431,18 @@ def test_numba_adamw_matches_numpy():
         np.testing.assert_allclose(fused.v[k], plain.v[k], rtol=0, atol=4 * EPS32 * np.abs(plain.v[k]).max())
 
 
+def test_numba_adamw_refuses_a_layout_it_would_not_update():
+    """A Fortran-ordered weight (the numba backend's layer layout) has no flat view: the update would land in a
+    copy and be lost, so the fused update refuses it; grad.trainable hands the optimizer C-ordered copies."""
+    from minifca.kernels import cpu_grad
+    w = np.asfortranarray(np.ones((4, 3), np.float32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        AdamW({"w": w}, update=cpu_grad.adamw_update).step({"w": np.ones((4, 3), np.float32)})
+    params = grad.trainable({"layers": [{"attn": {"q": {"w": w, "b": np.zeros(4, np.float32)}}}]})
+    assert all(a.flags.c_contiguous for _, a in grad.leaves(params))
+    np.testing.assert_array_equal(params["layers"][0]["attn"]["q"]["w"], w)
+
+
 def test_training_step_with_numba_kernels_matches_numpy(tiny):
     from minifca.kernels import cpu_grad
     model, _ = tiny

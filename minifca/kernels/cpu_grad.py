@@ -88,7 +88,11 @@ def _adamw(p, g, m, v, decay, a1, b2, a2, step_size, c2, eps):      # all [N] fl
 
 
 def adamw_update(p, g, m, v, decay, b1, b2, step_size, c2, eps):
-    """One AdamW update of one tensor, in place: optim.AdamW.step's loop body fused."""
+    """One AdamW update of one tensor, in place: optim.AdamW.step's loop body fused. p, m and v must be
+    C-contiguous (their flat views are what the kernel writes; reshape(-1) of any other layout is a copy, and the
+    update would be lost): anything else is refused."""
     f = np.float32
+    if not (p.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
+        raise ValueError("adamw_update updates in place through flat views: p, m and v must be C-contiguous")
     _adamw(p.reshape(-1), np.ascontiguousarray(g, np.float32).reshape(-1), m.reshape(-1), v.reshape(-1),
            f(decay), f(1 - b1), f(b2), f(1 - b2), f(step_size), f(c2), f(eps))
