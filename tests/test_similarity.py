@@ -114,3 +114,24 @@ def test_calibrate_on_unlabelled_text_for_a_sentence_encoder(encoder, tmp_path, 
     rc = cli.main(["calibrate", "--model", str(encoder), "--data", str(path), "--target-flops", "0.7",
                    "--pool", "64", "--out", str(out)])
     assert rc == 2 and "no classifier head" in capsys.readouterr().err
+
+
+def test_the_progress_bar_counts_every_sentence_of_every_pass(minilm, monkeypatch):
+    data = read_sts(STS_DEV)
+    data.texts, data.pairs, data.scores = data.texts[:8], data.pairs[:8], data.scores[:8]
+
+    class Bar:                                                       # what progress() returns, counting
+        def __init__(self, total, desc, enabled):
+            self.total, self.enabled, self.n = total, enabled, 0
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            return False
+        def update(self, k):
+            self.n += k
+
+    bars = []
+    monkeypatch.setattr(similarity, "progress_bar", lambda *a: bars.append(Bar(*a)) or bars[-1])
+    similarity.evaluate_similarity(minilm, data, minifca.FCAConfig(keep=0.5), progress=True)
+    assert bars[0].total == bars[0].n == 32                          # 8 pairs, 2 sentences each, FCA + full pass
+    assert bars[0].enabled is None                                   # a bar on a terminal, none in a log

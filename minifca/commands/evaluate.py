@@ -59,7 +59,7 @@ def cmd_similarity(args, model, fcas):
     if args.out or args.cluster or args.limit:
         raise InputError("eval on sentence pairs with similarity scores (STS) takes no --out, --cluster or --limit")
     data = read_sts(args.data)
-    res = [evaluate_similarity(model, data, f, args.batch_size) for f in fcas]
+    res = [evaluate_similarity(model, data, f, args.batch_size, progress=True) for f in fcas]
     if not emit(res[0] if len(res) == 1 else res, args.json):
         for i, (f, r) in enumerate(zip([None] * (len(fcas) - len(args.schedules or ())) + list(args.schedules or ()), res)):
             print(("\n" if i else "") + (f"schedule {f}\n" if f else ""), end="")
