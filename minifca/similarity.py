@@ -72,17 +72,13 @@ def evaluate_similarity(model, data, fca=None, batch_size=64, progress=False) ->
         data = read_sts(data)
     passes = 1 if fca is None else 2
     with progress_bar(2 * len(data) * passes, "similarity", None if progress else False) as bar:
-        return _evaluate(model, data, fca, batch_size, bar)
-
-
-def _evaluate(model, data, fca, batch_size, bar):
-    a, b, flops, full = pair_embeddings(model, data, fca, batch_size, bar)
+        a, b, flops, full = pair_embeddings(model, data, fca, batch_size, bar)
+        fa, fb = pair_embeddings(model, data, None, batch_size, bar)[:2] if fca is not None else (a, b)
     sim = cosines(a, b)                                              # [N]
     res = {"model": str(model.path), "data": data.source, "pairs": len(data), "fca": None if fca is None else fca.to_dict(),
            "spearman": spearman(sim, data.scores), "pearson": float(np.corrcoef(sim, data.scores)[0, 1]),
            "flops": flops, "flops_full": full, "flops_ratio": flops / full}
     if fca is not None:
-        fa, fb, _, _ = pair_embeddings(model, data, None, batch_size, bar)
         res["spearman_full"] = spearman(cosines(fa, fb), data.scores)
         res["cosine_to_full"] = float(np.mean(np.concatenate([cosines(a, fa), cosines(b, fb)])))
     return res

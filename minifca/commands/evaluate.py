@@ -54,14 +54,14 @@ def print_similarity(r):
     print(f"FLOPs      {r['flops'] / 1e9:.2f} G = {r['flops_ratio']:.1%} of the full model on the real tokens")
 
 
-def cmd_similarity(args, model, fcas):
+def cmd_similarity(args, model, fcas, names):
     """eval on an STS Benchmark file: Spearman of the pairs' cosine similarity, per configuration."""
     if args.out or args.cluster or args.limit:
         raise InputError("eval on sentence pairs with similarity scores (STS) takes no --out, --cluster or --limit")
     data = read_sts(args.data)
     res = [evaluate_similarity(model, data, f, args.batch_size, progress=True) for f in fcas]
     if not emit(res[0] if len(res) == 1 else res, args.json):
-        for i, (f, r) in enumerate(zip([None] * (len(fcas) - len(args.schedules or ())) + list(args.schedules or ()), res)):
+        for i, (f, r) in enumerate(zip(names, res)):
             print(("\n" if i else "") + (f"schedule {f}\n" if f else ""), end="")
             print_similarity(r)
 
@@ -71,8 +71,9 @@ def cmd_eval(args):
     fca = fca_from_args(args, model.config.num_hidden_layers)
     schedules = [FCAConfig.load(f) for f in args.schedules or ()]
     fcas = ([fca] if fca is not None or not schedules else []) + schedules   # the flags' configuration, then the files
+    names = [None] * (len(fcas) - len(schedules)) + list(args.schedules or ())  # a schedule file's name, or None
     if looks_like_sts(args.data):
-        return cmd_similarity(args, model, fcas)
+        return cmd_similarity(args, model, fcas, names)
     data = data_from_args(args, args.limit)
     try:
         with runner_from_args(args) as runner:
@@ -84,7 +85,6 @@ def cmd_eval(args):
               "resumes from it)"), file=sys.stderr)
         raise
     if not emit(res[0] if len(res) == 1 else res, args.json):
-        names = [None] * (len(fcas) - len(schedules)) + list(args.schedules or ())
         for i, (name, r) in enumerate(zip(names, res)):
             print(("\n" if i else "") + (f"schedule {name}" if name else ""), end="\n" if name else "")
             print_eval(r)
