@@ -157,6 +157,11 @@ def log_size(sizes):
     return np.log(np.maximum(sizes, 1e-30))                          # [B, n]
 
 
+def pack(x, mask):
+    """The layout the layers run in: here the padded batch as it is (padding computed, and never read)."""
+    return x                                                         # [B, L, H]
+
+
 def resident_params(params):
     """The parameters as this backend keeps them: NumPy reads them where they are."""
     return params
@@ -189,7 +194,7 @@ def bert_forward(params, cfg, ids, mask, tt, fca=None, ops=None, seeds=None,
     eps, n_head, act = cfg.layer_norm_eps, cfg.num_attention_heads, cfg.hidden_act
     params = ops.resident_params(params)                             # the GPU's copy, uploaded once
     mask = (np.asarray(mask) > 0).astype(np.float32)                 # [B, L] (the mask stays on the host)
-    x = ops.embeddings(ids, tt, **params["embeddings"], eps=eps)     # [B, L, H]
+    x = ops.pack(ops.embeddings(ids, tt, **params["embeddings"], eps=eps), mask)  # [B, L, H] (numba: valid rows)
     sizes = mask.copy()                                              # [B, n] input tokens per unit
     state = fca_mod.FCAState.start(mask, seeds, trace) if fca is not None else None
     scores_read_stats = fca is not None and fca_mod.score_facts(fca.score).stats

@@ -388,7 +388,8 @@ def test_model_backend_cuda_uploads_once(tmp_path):
     mask = (ids > 0).astype(np.int64)
     for fca in (None, FCAConfig(keep=0.5)):
         got, want = model.forward(ids, mask, fca=fca), ref.forward(ids, mask, fca=fca)
-        close(got.last_hidden_state, want.last_hidden_state)
+        valid = want.mask > 0                                       # the numba model computes no padding
+        close(got.last_hidden_state[valid], want.last_hidden_state[valid])
         close(got.logits, want.logits)
         assert got.flops == want.flops
     assert model.ops.dev is dev                                     # weights not uploaded again

@@ -62,6 +62,70 @@ def test_attention_matches_reference(shape, proportional, want_probs):
     assert C.attention(x, mask, log_size, **p, n_head=h, want_probs=False)[1:3] == (None, None)
 
 
+@given(shapes, st.booleans(), st.booleans())
+def test_padding_free_layer_matches_reference_on_padded_batches(shape, proportional, want_probs):
+    """One layer on a `Packed` batch (the valid units only) against the reference on the padded batch: the same
+    values at every valid unit (attention per sequence, linear layers, LayerNorm and FFN on the valid rows);
+    zeros at padding, in the probabilities and statistics too."""
+    B, n, (H, h), seed = shape
+    rng = np.random.default_rng(seed)
+    x, mask = rand(rng, B, n, H), random_mask(rng, B, n)
+    p = {name: linear_params(rng, H, H) for name in "qkvo"}
+    i, o, g, b = linear_params(rng, 2 * H, H), linear_params(rng, H, 2 * H), rand(rng, H), rand(rng, H)
+    log_size = np.log(rng.integers(1, 5, (B, n)).astype(np.float32)) if proportional else None
+    packed = C.pack(x, mask)
+    valid = mask > 0
+    assert isinstance(packed, C.Packed) and packed.rows.shape == (int(valid.sum()), H)
+    ref = R.attention(x, mask, log_size, **p, n_head=h, want_stats=True)
+    out, probs, stats, keys = C.attention(packed, mask, log_size, **p, n_head=h, want_probs=want_probs,
+                                          want_stats=True)
+    w = max(H, n)                 # as in test_attention_matches_reference
+    assert close(C.to_host(out)[valid], ref[0][valid], depth=5, width=w)
+    assert close(C.to_host(keys)[valid], ref[3][valid], depth=1, width=H)
+    assert not C.to_host(out)[~valid].any()
+    if want_probs:                # valid query rows as the reference's; padded ones never computed
+        assert close(probs.transpose(0, 2, 1, 3)[valid], ref[1].transpose(0, 2, 1, 3)[valid], depth=3, width=w)
+        assert not probs.transpose(0, 2, 1, 3)[~valid].any()
+    for name in stats:
+        assert close(stats[name], ref[2][name], depth=4, width=w), name
+    y = C.add_layer_norm(C.ffn(out, i, o, "gelu"), out, g, b, 1e-12)   # the rest of the layer, still packed
+    want = R.add_layer_norm(R.ffn(ref[0], i, o, "gelu"), ref[0], g, b, 1e-12)
+    assert isinstance(y, C.Packed) and close(C.to_host(y)[valid], want[valid], depth=9, width=max(w, 2 * H))
+
+
+def test_pack_keeps_a_mask_it_cannot_pack():
+    """Valid units after padding (left padding, holes) stay a padded batch, computed as the reference; a batch
+    without padding packs to a view of its rows (no copy)."""
+    rng = np.random.default_rng(0)
+    x = rand(rng, 2, 5, 8)
+    left = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], np.float32)
+    assert C.pack(x, left) is x
+    p = {name: linear_params(rng, 8, 8) for name in "qkvo"}
+    ref = R.attention(x, left, None, **p, n_head=2)
+    assert close(C.attention(C.pack(x, left), left, None, **p, n_head=2)[0], ref[0], depth=5, width=8)
+    full = C.pack(x, np.ones((2, 5)))
+    assert np.shares_memory(full.rows, x) and np.array_equal(C.to_host(full), x)
+
+
+def test_numba_forward_multiplies_only_the_valid_rows(random_models, monkeypatch):
+    """Padding-free execution end to end: every weight product of a padded batch's forward has exactly as many
+    rows as the batch has valid tokens (the padded batch has 3 x 21), with FCA as many as its units left."""
+    _, model = random_models
+    rng = np.random.default_rng(4)
+    ids, mask = rng.integers(0, 120, (3, 21)), random_mask(rng, 3, 21)
+    mask[0, :] = 1
+    mask[1, 5:] = 0
+    rows = []
+    product = C._xwt
+    monkeypatch.setattr(C, "_xwt", lambda x2, w: rows.append(x2.shape[0]) or product(x2, w))
+    model.forward(ids, mask)
+    assert set(rows) == {int(mask.sum())} and int(mask.sum()) < mask.size
+    rows.clear()
+    out = model.forward(ids, mask, fca=FCAConfig(keep=0.5))
+    per_layer = [int(u["n_out"].sum()) for u in out.units]          # units each layer's FFN sees
+    assert rows[-1] == per_layer[-1] < int(mask.sum())
+
+
 @given(shapes)
 def test_attention_stats_matches_reference(shape):
     B, n, (_, h), seed = shape
@@ -181,10 +245,18 @@ def within_model(got, ref, cfg, extra_depth=0):
     return maxdiff(got, ref) <= model_bound(ref, cfg, extra_depth)
 
 
+def at_valid(a, mask):
+    """What a forward's output means: hidden states [B, n, H] at the valid units, attentions [B, h, n, n] at the
+    valid query rows. The numba backend computes nothing at padding (kernels.cpu.Packed: zeros there)."""
+    valid = np.asarray(mask) > 0
+    return a[valid] if a.ndim == 3 else a.transpose(0, 2, 1, 3)[valid]
+
+
 def compare(ref, got, cfg):
-    assert within_model(got.last_hidden_state, ref.last_hidden_state, cfg)
-    assert within_model(got.logits, ref.logits, cfg, extra_depth=2)      # + pooler and classifier
     np.testing.assert_array_equal(got.mask, ref.mask)
+    assert within_model(at_valid(got.last_hidden_state, got.mask), at_valid(ref.last_hidden_state, ref.mask), cfg)
+    assert not got.last_hidden_state[got.mask == 0].any()               # padding-free: padding never computed
+    assert within_model(got.logits, ref.logits, cfg, extra_depth=2)      # + pooler and classifier
     np.testing.assert_array_equal(got.sizes, ref.sizes)
     assert got.flops == ref.flops
 
@@ -198,7 +270,7 @@ def test_backends_agree_on_random_checkpoint(random_models, B, L, seed):
     ref, got = ref_model.forward(ids, **kw), model.forward(ids, **kw)
     compare(ref, got, model.config)
     for a, b in zip(ref.hidden_states + ref.attentions, got.hidden_states + got.attentions):
-        assert within_model(b, a, model.config)
+        assert within_model(at_valid(b, mask), at_valid(a, mask), model.config)
 
 
 FCA_CASES = [
@@ -293,7 +365,7 @@ def test_backends_agree_on_checkpoint_shapes(shaped_models):
     ref, got = ref_model.forward(ids, **kw), model.forward(ids, **kw)
     compare(ref, got, model.config)
     for a, b in zip(ref.hidden_states, got.hidden_states):
-        assert within_model(b, a, model.config)
+        assert within_model(at_valid(b, mask), at_valid(a, mask), model.config)
     fca = FCAConfig(keep=0.5)
     ref, got = ref_model.forward(ids, mask, tt, fca=fca, trace=True), model.forward(ids, mask, tt, fca=fca, trace=True)
     compare(ref, got, model.config)
@@ -313,7 +385,7 @@ def test_backends_agree_on_minilm(minilm_path):
     fca = FCAConfig(keep=[1.0, 0.8, 0.6, 0.5, 0.4, 0.3], aggregate="clusters", clusters=2)
     ref, got = ref_model(enc, fca=fca, trace=True), model(enc, fca=fca, trace=True)
     np.testing.assert_array_equal(got.mask, ref.mask)
-    assert within_model(got.last_hidden_state[got.mask > 0], ref.last_hidden_state[ref.mask > 0], model.config)
+    assert within_model(at_valid(got.last_hidden_state, got.mask), at_valid(ref.last_hidden_state, ref.mask), model.config)
     np.testing.assert_array_equal(got.sizes, ref.sizes)
     same_trace(ref.trace, got.trace)
 

@@ -19,6 +19,10 @@ stay NumPy arrays on the host.
                                                  (the GPU: uploaded once per model, same keys)
     embeddings(ids, tt, word, position, token_type, ln, eps) -> x
                                                  ids, tt [B, L] int64 (host) -> x [B, L, H]
+    pack(x, mask) -> x                           the layout the layers run in: x itself (NumPy, GPU), or
+                                                 the valid units only (numba: kernels.cpu.Packed, for
+                                                 right-padded masks); every op below takes and gives
+                                                 back that layout, to_host pads it back to [B, n, H]
     attention(x, mask, log_size, q, k, v, o, n_head, want_probs, want_stats) -> out, probs, stats, keys
                                                  x [B, n, H], mask [B, n] (host), log_size [B, n] or None
                                                  -> out [B, n, H]; probs [B, h, n, n] (or None unless
@@ -47,6 +51,7 @@ from .. import fca
 OPS = {
     "resident_params": ("params",),
     "embeddings": ("ids", "tt", "word", "position", "token_type", "ln", "eps"),
+    "pack": ("x", "mask"),
     "attention": ("x", "mask", "log_size", "q", "k", "v", "o", "n_head", "want_probs", "want_stats"),
     "add_layer_norm": ("x", "residual", "g", "b", "eps"),
     "ffn": ("x", "i", "o", "act"),

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+from dataclasses import dataclass
 
 import numba as nb
 import numpy as np
@@ -231,46 +232,58 @@ def _softmax_row(s, bias_b, scale):                                  # [n] logit
 
 
 @nb.njit(parallel=True, fastmath={"contract"}, **_jit)
-def _attend(Q, K, V, bias, n_head, want_probs, want_stats, probs, abar, ctx):
-    """Masked multi-head attention of every query row; Q, K, V [B, n, H] (biases added), bias [B, n].
+def _attend(Q, K, V, bias, start, blk_seq, blk_row, n_head, want_probs, want_stats, probs, abar, ctx):
+    """Masked multi-head attention of every query row, sequence by sequence; Q, K, V [T, H] (biases added).
 
-    Writes ctx [B, n, H]; probs [B, h, n, n] if want_probs; abar [B, n, n] (head mean) if want_stats.
-    Query rows go four at a time (ROWS), so each key and value element loaded serves four rows; every
-    inner loop runs over a contiguous axis without a reduction in it, so it vectorises: logits as
-    q_c * K^T[c, :] row updates, exp through _exp, p V as 4 key rows at a time. Each row's arithmetic
-    is the same, in the same order, whichever block it falls in (bit-identical to one row at a time).
+    Sequence b is rows start[b]:start[b + 1] of Q, K and V (a padded [B, n, H] batch: start[b] = b n; a
+    `Packed` one: its valid units only); bias [T] is added to the logits of each key (NEG for padding,
+    log(size) for proportional attention). Query rows go four at a time: block t is rows blk_row[t].. of
+    sequence blk_seq[t]. Writes ctx [T, H]; probs [B, h, n, n] if want_probs; abar [B, n, n] (head mean) if
+    want_stats (entries outside each sequence's m x m block left as the caller made them).
+    Each key and value element loaded serves four rows; every inner loop runs over a contiguous axis without a
+    reduction in it, so it vectorises: logits as q_c * K^T[c, :] row updates, exp through _exp, p V as 4 key
+    rows at a time. Each row's arithmetic is the same, in the same order, whichever block it falls in
+    (bit-identical to one row at a time).
     """
-    B, n, H = Q.shape
+    T, H = Q.shape
+    B = start.shape[0] - 1
     d = H // n_head
     R = 4                                                            # query rows per block
     scale = np.float32(math.sqrt(d))
-    Kt = np.empty((B, n_head, d, n), np.float32)                     # keys per head, transposed
-    Vh = np.empty((B, n_head, n, d), np.float32)                     # values per head
-    for bh in nb.prange(B * n_head):
+    Kt = np.empty(T * H, np.float32)                                 # per sequence and head: keys transposed,
+    Vh = np.empty(T * H, np.float32)                                 # [d, m], and values, [m, d], contiguous
+    for bh in nb.prange(B * n_head):                                 # (sequence b's head h at start[b] H + h d m)
         b_, h = bh // n_head, bh % n_head
+        base, m = start[b_], start[b_ + 1] - start[b_]
+        kt = Kt[base * H + h * d * m:base * H + (h + 1) * d * m].reshape((d, m))
+        vh = Vh[base * H + h * d * m:base * H + (h + 1) * d * m].reshape((m, d))
         for c in range(d):
-            for j in range(n):
-                Kt[b_, h, c, j] = K[b_, j, h * d + c]
-        for j in range(n):
+            for j in range(m):
+                kt[c, j] = K[base + j, h * d + c]
+        for j in range(m):
             for c in range(d):
-                Vh[b_, h, j, c] = V[b_, j, h * d + c]
-    n_blk = (n + R - 1) // R
-    for t in nb.prange(B * n_blk):
-        b_, i0 = t // n_blk, (t % n_blk) * R
-        rows = min(R, n - i0)
-        s = np.empty((R, n), np.float32)                             # one head's logits, then probabilities
-        acc = np.zeros((R, n), np.float32)                           # head sum of the probabilities
+                vh[j, c] = V[base + j, h * d + c]
+    for t in nb.prange(blk_seq.shape[0]):
+        b_, i0 = blk_seq[t], blk_row[t]
+        base, m = start[b_], start[b_ + 1] - start[b_]               # the sequence's first row, its units
+        q0r = base + i0                                              # the block's first row in Q and ctx
+        rows = min(R, m - i0)
+        bias_b = bias[base:base + m]
+        s = np.empty((R, m), np.float32)                             # one head's logits, then probabilities
+        acc = np.zeros((R, m), np.float32)                           # head sum of the probabilities
         out = np.empty((R, d), np.float32)
         for h in range(n_head):
-            kt, vh = Kt[b_, h], Vh[b_, h]                            # [d, n], [n, d]
+            off = base * H + h * d * m
+            kt = Kt[off:off + d * m].reshape((d, m))                 # [d, m]
+            vh = Vh[off:off + d * m].reshape((m, d))                 # [m, d]
             s[:] = 0.0
             if rows == R:                                            # s = q K_h^T, four rows per pass
                 s0, s1, s2, s3 = s[0], s[1], s[2], s[3]
                 for c in range(d):
-                    q0, q1 = Q[b_, i0, h * d + c], Q[b_, i0 + 1, h * d + c]
-                    q2, q3 = Q[b_, i0 + 2, h * d + c], Q[b_, i0 + 3, h * d + c]
+                    q0, q1 = Q[q0r, h * d + c], Q[q0r + 1, h * d + c]
+                    q2, q3 = Q[q0r + 2, h * d + c], Q[q0r + 3, h * d + c]
                     kc = kt[c]
-                    for j in range(n):
+                    for j in range(m):
                         k = kc[j]
                         s0[j] += q0 * k
                         s1[j] += q1 * k
@@ -280,20 +293,20 @@ def _attend(Q, K, V, bias, n_head, want_probs, want_stats, probs, abar, ctx):
                 for r in range(rows):
                     sr = s[r]
                     for c in range(d):
-                        qc = Q[b_, i0 + r, h * d + c]
+                        qc = Q[q0r + r, h * d + c]
                         kc = kt[c]
-                        for j in range(n):
+                        for j in range(m):
                             sr[j] += qc * kc[j]
             for r in range(rows):
-                _softmax_row(s[r], bias[b_], scale)
+                _softmax_row(s[r], bias_b, scale)
                 if want_probs:
-                    probs[b_, h, i0 + r] = s[r]
+                    probs[b_, h, i0 + r, :m] = s[r]
                 if want_stats:
-                    for j in range(n):
+                    for j in range(m):
                         acc[r, j] += s[r, j]
             out[:] = 0.0                                             # out = p V_h
             j = 0
-            while j + 4 <= n:
+            while j + 4 <= m:
                 v0, v1, v2, v3 = vh[j], vh[j + 1], vh[j + 2], vh[j + 3]
                 for r in range(rows):
                     p0, p1, p2, p3 = s[r, j], s[r, j + 1], s[r, j + 2], s[r, j + 3]
@@ -301,7 +314,7 @@ def _attend(Q, K, V, bias, n_head, want_probs, want_stats, probs, abar, ctx):
                     for c in range(d):
                         o[c] += p0 * v0[c] + p1 * v1[c] + p2 * v2[c] + p3 * v3[c]
                 j += 4
-            while j < n:
+            while j < m:
                 for r in range(rows):
                     p = s[r, j]
                     o = out[r]
@@ -309,11 +322,19 @@ def _attend(Q, K, V, bias, n_head, want_probs, want_stats, probs, abar, ctx):
                         o[c] += p * vh[j, c]
                 j += 1
             for r in range(rows):
-                ctx[b_, i0 + r, h * d:(h + 1) * d] = out[r]
+                ctx[q0r + r, h * d:(h + 1) * d] = out[r]
         if want_stats:
             for r in range(rows):
-                for j in range(n):
+                for j in range(m):
                     abar[b_, i0 + r, j] = acc[r, j] / np.float32(n_head)
+
+
+def _blocks(start, rows=4):
+    """The blocks of four query rows `_attend` runs in parallel: [nblk] sequence of each, first row in it."""
+    per = (np.diff(start) + rows - 1) // rows                        # [B] blocks per sequence
+    seq = np.repeat(np.arange(len(per)), per)                        # [nblk]
+    first = np.cumsum(per) - per                                     # [B] first block of each sequence
+    return seq.astype(np.int64), ((np.arange(len(seq)) - first[seq]) * rows).astype(np.int64)
 
 
 @nb.njit(parallel=True, **_jit)
@@ -434,7 +455,7 @@ def reduce_batch(s, x, sizes, valid, k, c, active, aggregate):
     return new_x, new_sizes
 
 
-# ---------------------------------------------------------------- the functions of reference.py
+# ---------------------------------------------------------------- the weight products
 
 
 FEW_ROWS = (2, 80)   # row counts for which OpenBLAS runs w @ x^T faster than x @ w^T (see _xwt)
@@ -487,8 +508,70 @@ def _linear(x2, w, b):
     return np.add(y, b, out=np.empty(y.shape, F32))
 
 
+# ---------------------------------------------------------------- padding-free execution
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A batch's valid units only, as rows, sequence after sequence: sequence b is rows[start[b]:start[b + 1]].
+
+    The numba backend's activation between `pack` and `to_host` (padding-free execution): the linear layers,
+    LayerNorm and the FFN run on the T valid rows alone, attention runs per sequence, and nothing is computed
+    for padding. `to_host` gives the padded [B, n, H] batch back, zeros at padding. Every op below takes
+    either kind and gives back the kind it was given.
+    """
+    rows: np.ndarray                                                 # [T, H] C-contiguous
+    start: np.ndarray                                                # [B + 1] int64
+    n: int                                                           # the batch's padded length
+
+    @property
+    def valid(self):                                                 # [B, n] bool
+        return np.arange(self.n)[None] < np.diff(self.start)[:, None]
+
+
+def pack(x, mask):
+    """The valid rows of x [B, n, H] (a `Packed`) when every sequence's valid units come first (right padding:
+    what the tokenizer and FCA's reductions make); any other mask (left padding, holes) keeps the padded batch,
+    computed as the reference computes it."""
+    if isinstance(x, Packed):
+        return x
+    valid = np.asarray(mask) > 0                                     # [B, n]
+    B, n, _ = x.shape
+    lens = valid.sum(1)                                              # [B]
+    if not np.array_equal(valid, np.arange(n)[None] < lens[:, None]):
+        return x
+    start = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)  # [B + 1]
+    rows = _rows(x) if start[-1] == B * n else np.ascontiguousarray(x[valid], F32)  # [T, H]
+    return Packed(rows, start, n)
+
+
+def to_host(a):
+    """An activation as a NumPy array: a `Packed` batch padded back to [B, n, H] (zeros at padding)."""
+    if not isinstance(a, Packed):
+        return a
+    B, H = len(a.start) - 1, a.rows.shape[1]
+    if a.start[-1] == B * a.n:
+        return a.rows.reshape(B, a.n, H)
+    out = np.zeros((B, a.n, H), a.rows.dtype)
+    out[a.valid] = a.rows
+    return out
+
+
 def _rows(x):
+    """x's rows, [R, H] C-contiguous: a `Packed` batch's valid rows, or every row of an array."""
+    if isinstance(x, Packed):
+        return x.rows
     return np.ascontiguousarray(x, dtype=F32).reshape(-1, x.shape[-1])
+
+
+def _like(x, rows):
+    """rows [R, H'] in x's layout: a `Packed` like x, or x's batch shape."""
+    if isinstance(x, Packed):
+        return Packed(rows, x.start, x.n)
+    return rows.reshape(x.shape[:-1] + rows.shape[-1:])
+
+
+# ---------------------------------------------------------------- the functions of reference.py
 
 
 def layer_norm(x, g, b, eps):
@@ -498,9 +581,10 @@ def layer_norm(x, g, b, eps):
 
 
 def add_layer_norm(x, residual, g, b, eps):
-    out = np.empty(x.shape, F32)
-    _add_layer_norm_rows(_rows(x), _rows(residual), g, b, F32(eps), out.reshape(-1, x.shape[-1]))
-    return out                                                       # [B, n, H]
+    x2 = _rows(x)                                                    # [R, H]
+    out = np.empty(x2.shape, F32)
+    _add_layer_norm_rows(x2, _rows(residual), g, b, F32(eps), out)
+    return _like(x, out)                                             # [B, n, H] or Packed
 
 
 def embeddings(ids, tt, word, position, token_type, ln, eps):
@@ -516,7 +600,7 @@ def ffn(x, i, o, act):
     x2 = _rows(x)                                                    # [R, H]
     hid = np.ascontiguousarray(_xwt(x2, i["w"]))                     # [R, I]
     _bias_act_rows(hid, i["b"], ACT_CODES[act])                      # [R, I] in place
-    return _linear(hid, **o).reshape(x.shape)                        # [B, n, H]
+    return _like(x, _linear(hid, **o))                               # [B, n, H] or Packed
 
 
 def attention_stats(probs, mask):
@@ -536,29 +620,43 @@ def _stats(abar, mask):
 
 
 def attention(x, mask, log_size, q, k, v, o, n_head, want_probs=True, want_stats=False):
-    """reference.attention; probabilities only when want_probs, FCA statistics only when want_stats."""
-    B, n, H = x.shape
-    x2 = _rows(x)                                                    # [B n, H]
-    Q, K, V = (_linear(x2, **p).reshape(B, n, H) for p in (q, k, v))  # [B, n, H]
-    bias = np.where(np.asarray(mask) > 0, F32(0), reference.NEG)     # [B, n]
-    if log_size is not None:
-        bias = bias + log_size
+    """reference.attention; probabilities only when want_probs, FCA statistics only when want_stats.
+
+    On a `Packed` batch, only the valid units: probabilities and statistics are 0 at padding (the reference's
+    padded query rows attend the valid keys; nothing reads them)."""
+    mask = np.asarray(mask)
+    B, n = mask.shape
+    x2 = _rows(x)                                                    # [T, H]
+    Q, K, V = (_linear(x2, **p) for p in (q, k, v))                  # [T, H]
+    if isinstance(x, Packed):                                        # every row valid: no mask to add
+        start = x.start
+        bias = np.zeros(len(x2), F32) if log_size is None else np.asarray(log_size, F32)[x.valid]  # [T]
+    else:
+        start = np.arange(B + 1, dtype=np.int64) * n
+        bias = np.where(mask > 0, F32(0), reference.NEG)             # [B, n]
+        if log_size is not None:
+            bias = bias + log_size
+        bias = bias.reshape(-1)                                      # [T = B n]
     bias = np.ascontiguousarray(bias, F32)
-    probs = np.empty((B, n_head, n, n) if want_probs else (1, 1, 1, 1), F32)
-    abar = np.empty((B, n, n) if want_stats else (1, 1, 1), F32)
-    ctx = np.empty((B, n, H), F32)
-    _attend(Q, K, V, bias, n_head, bool(want_probs), bool(want_stats), probs, abar, ctx)
+    probs = np.zeros((B, n_head, n, n) if want_probs else (1, 1, 1, 1), F32)
+    abar = np.zeros((B, n, n) if want_stats else (1, 1, 1), F32)
+    ctx = np.empty(x2.shape, F32)                                    # [T, H]
+    _attend(Q, K, V, bias, start, *_blocks(start), n_head, bool(want_probs), bool(want_stats), probs, abar, ctx)
     stats = _stats(abar, mask) if want_stats else None               # {name: [B, n]}
-    out = _linear(ctx.reshape(B * n, H), **o).reshape(B, n, H)       # [B, n, H]
-    return out, probs if want_probs else None, stats, K
+    out = _linear(ctx, **o)                                          # [T, H]
+    return _like(x, out), probs if want_probs else None, stats, _like(x, K)
 
 
 def reduce(state, layer, cfg, x, mask, sizes, stats, keys):
-    """reference.reduce, its batched layers by this module's compiled `reduce_batch`."""
-    return state.reduce(layer, cfg, x, mask, sizes, stats, keys, reduce_batch)
+    """reference.reduce, its batched layers by this module's compiled `reduce_batch`; a `Packed` batch
+    leaves packed again."""
+    new_x, new_mask, new_sizes = state.reduce(layer, cfg, to_host(x), mask, sizes, stats, to_host(keys),
+                                              reduce_batch)
+    return (pack(new_x, new_mask) if isinstance(x, Packed) else new_x), new_mask, new_sizes
 
 
-log_size, resident_params, to_host = reference.log_size, reference.resident_params, reference.to_host  # host arrays
+log_size, resident_params = reference.log_size, reference.resident_params  # host arrays
+
 
 
 _GUARD = None

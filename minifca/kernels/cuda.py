@@ -756,6 +756,9 @@ class CudaOps:
     def to_host(self, a):
         return a.copy_to_host() if _resident(a) else a
 
+    def pack(self, x, mask):
+        return x                                                     # the padded batch, as the reference
+
     def log_size(self, sizes):
         if not _resident(sizes):
             return reference.log_size(sizes)
