@@ -491,6 +491,8 @@ def _xwt(x2, w):
     batch FCA has shortened) OpenBLAS's sgemm runs the same product faster as w @ x^T (weight as the left
     operand), the transposed copy back included, up to ~96 rows, and slower from 128 (benchmarks/gemm_rows.py,
     docs/bench_numba.md). The result is then a transposed view.
+    On 2 threads too, no other form of the laid-out product is faster on a free machine, at any row count
+    (benchmarks/ab_few_rows_2threads.py; docs/bench_numba.md, "Few-row products on 2 threads").
     """
     if w.flags.f_contiguous and not w.flags.c_contiguous:
         return np.matmul(x2, w.T)                                    # [R, in] @ [in, out], C-contiguous
