@@ -228,10 +228,33 @@ class Model:
 
     def embed_batches(self, texts, fca=None, batch_size=32, max_length=None, truncation=None, normalize=None):
         """(rows, vectors [b, H] float32) per batch as it is computed, longest texts first: what `embed`
-        puts back in input order (vectors[i] is the embedding of texts[rows[i]]). For streaming jobs."""
+        puts back in input order (vectors[i] is the embedding of texts[rows[i]]). For streaming jobs: one
+        batch at a time, with every thread (embed runs several side by side)."""
+        return self._embedded(texts, fca, batch_size, max_length, truncation, normalize, workers=1)
+
+    def _embedded(self, texts, fca, batch_size, max_length, truncation, normalize, workers):
         texts, max_length, truncation = self.sentence_inputs(texts, max_length, truncation)
-        for rows, enc in self.batches(texts, None, batch_size, max_length, truncation):
-            yield rows, self.embed_encoding(enc, fca, normalize)
+        batches = self.batches(texts, None, batch_size, max_length, truncation)
+        return self._each_batch(lambda b: (b[0], self.embed_encoding(b[1], fca, normalize)), batches, workers)
+
+    def _workers(self, threads, n_texts, batch_size):
+        """How many batches embed and classify run side by side (threadlimit.side_by_side): one per thread (the
+        call's threads=, else the limit it runs in, else the model's, else every CPU this process may use),
+        when there are that many batches; 1 on the GPU, and where Numba's workqueue layer makes forwards take
+        turns (kernels/cpu.one_at_a_time)."""
+        threads = check_threads(threads) or threadlimit.current() or self.threads or len(os.sched_getaffinity(0))
+        if self.backend == "cuda" or threads < 2 or n_texts <= batch_size:
+            return 1
+        if not isinstance(getattr(self.ops, "one_at_a_time", nullcontext)(), nullcontext):
+            return 1
+        return min(threads, -(-n_texts // batch_size))
+
+    @staticmethod
+    def _each_batch(fn, batches, workers):
+        """fn over the batches, in order: one at a time, or `workers` side by side with one thread each."""
+        if workers > 1:
+            return threadlimit.side_by_side(fn, batches, workers)
+        return map(fn, batches)
 
     def embed_encoding(self, enc, fca=None, normalize=None) -> np.ndarray:
         """The vectors [b, H] float32 of one tokenized batch (Encoding): pooled as the checkpoint says, unit length
@@ -259,8 +282,9 @@ class Model:
         single = isinstance(texts, str)
         texts, _ = _texts(texts, None, batch_size)
         emb = np.empty((len(texts), self.config.hidden_size), np.float32)  # [N, H]
+        workers = self._workers(threads, len(texts), batch_size)
         with self.limit_threads(threads), progress(len(texts), "embed", show_progress_bar) as bar:
-            for rows, v in self.embed_batches(texts, fca, batch_size, max_length, truncation, norm):
+            for rows, v in self._embedded(texts, fca, batch_size, max_length, truncation, norm, workers):
                 emb[rows] = v                                        # [b, H] back in input order
                 bar.update(len(rows))
         if single:
@@ -279,9 +303,11 @@ class Model:
         single = isinstance(texts, str)
         texts, pairs = _texts(texts, pairs, batch_size)
         res = [None] * len(texts)
+        workers = self._workers(threads, len(texts), batch_size)
+        batches = self.batches(texts, pairs, batch_size, max_length, truncation)
         with self.limit_threads(threads), progress(len(texts), "classify", show_progress_bar) as bar:
-            for rows, enc in self.batches(texts, pairs, batch_size, max_length, truncation):
-                probs = reference.softmax(self(enc, fca=fca).logits.astype(np.float64))  # [b, C]
+            for rows, probs in self._each_batch(lambda b: (b[0], reference.softmax(  # [b, C]
+                    self(b[1], fca=fca).logits.astype(np.float64))), batches, workers):
                 for r, p in zip(rows, probs):
                     res[r] = (self.config.id2label[int(p.argmax())], p)
                 bar.update(len(rows))

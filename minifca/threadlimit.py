@@ -4,10 +4,16 @@ MKL) and OpenMP pools that NumPy's matrix products run on (set through threadpoo
 The limits are process-wide for BLAS (threadpoolctl) and per calling thread for Numba, and are put back
 when the call returns; two threads calling with different limits at once share the BLAS setting of
 whichever set it last.
+
+`side_by_side` runs many independent jobs (embed's and classify's batches) a few at a time, each on a thread
+of its own with one thread inside, instead of one at a time with every thread inside each.
 """
 from __future__ import annotations
 
+import itertools
 import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
@@ -15,12 +21,17 @@ import numpy as np
 from .errors import InputError
 
 _controller = None   # threadpoolctl's view of the loaded BLAS/OpenMP libraries, found once
-_local = threading.local()   # .depth: limits open in this thread (a call inside a limited call keeps its limit)
+_local = threading.local()   # .limits: the limits open in this thread (a call inside a limited call keeps its limit)
 
 
 def active() -> bool:
     """Whether this thread is inside a thread_limit (embed's limit then holds for the forwards it makes)."""
-    return getattr(_local, "depth", 0) > 0
+    return bool(getattr(_local, "limits", None))
+
+
+def current():
+    """The innermost limit open in this thread, or None."""
+    return _local.limits[-1] if active() else None
 
 
 def check_threads(threads):
@@ -52,11 +63,34 @@ def thread_limit(threads, numba=True):
                              "the number of cores), the most one call can use")
         before = nb.get_num_threads()
         nb.set_num_threads(threads)
-    _local.depth = getattr(_local, "depth", 0) + 1
+    _local.limits = getattr(_local, "limits", []) + [threads]
     try:
         with _controller.limit(limits=threads):
             yield
     finally:
-        _local.depth -= 1
+        _local.limits = _local.limits[:-1]
         if before is not None:
             nb.set_num_threads(before)
+
+
+def side_by_side(fn, items, workers):
+    """fn(item) for every item, `workers` items at a time, each on a thread of its own with one thread inside
+    (Numba and BLAS): yields the results in the items' order, each once it and those before it are done.
+
+    On a few cores this is faster for many small forwards than giving each forward every thread: a forward
+    then hands each matrix product and each parallel loop to the other threads and waits for them, dozens of
+    times per layer, and on a loaded machine waits for threads the OS has descheduled (benchmarks/
+    bench_workload.py measures both ways). BLAS's thread count is process-wide: it is 1 until the last result
+    is yielded, for the caller too. At most 2 x workers items are in flight.
+    """
+    items = iter(items)
+
+    def one(item):
+        with thread_limit(1):                                        # this worker: Numba 1 thread; BLAS 1 (as set)
+            return fn(item)
+    with thread_limit(1), ThreadPoolExecutor(workers, thread_name_prefix="minifca") as pool:
+        pending = deque(pool.submit(one, item) for item in itertools.islice(items, 2 * workers))
+        while pending:
+            result = pending.popleft().result()
+            pending.extend(pool.submit(one, item) for item in itertools.islice(items, 1))
+            yield result

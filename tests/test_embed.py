@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -231,7 +232,7 @@ class Spy:
     wrapped to record the thread limits in force during each forward."""
 
     def __init__(self, ops, seen):
-        self._ops, self._seen = ops, seen
+        self._ops, self._seen, self.threads_used = ops, seen, set()
 
     def __getattr__(self, name):
         return getattr(self._ops, name)
@@ -241,15 +242,20 @@ class Spy:
         from threadpoolctl import threadpool_info
         blas = {d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"}
         self._seen.append((numba.get_num_threads(), blas))
+        self.threads_used.add(threading.get_ident())
         return self._ops.resident_params(*a, **k)
 
 
-def limits_seen(model, call):
+def limits_seen(model, call, threads_used=None):
+    """The (Numba threads, {BLAS threads}) of every forward `call` makes; threads_used: a set to add the ids of
+    the Python threads the forwards ran on to."""
     seen = []
     model.ops = Spy(model.ops, seen)
     try:
         call()
     finally:
+        if threads_used is not None:
+            threads_used |= model.ops.threads_used
         model.ops = model.ops._ops
     return seen
 
@@ -263,12 +269,60 @@ def test_threads_limit_numba_and_blas_during_the_call(minilm_path, mixed):
     seen = limits_seen(model, lambda: model.embed(mixed[:6], batch_size=2))
     assert seen == [(1, {1})] * 3                                # the model's threads=1, in every forward
     n = min(2, top)
-    seen = limits_seen(model, lambda: model.embed(mixed[:6], batch_size=2, threads=n))
-    assert [s[0] for s in seen] == [n] * 3                       # the call's threads= wins over the model's
+    seen = limits_seen(model, lambda: model.embed(mixed[:2], batch_size=2, threads=n))
+    assert seen == [(n, {n})]                                    # the call's threads= wins over the model's
     seen = limits_seen(model, lambda: model.forward([[101, 102]], threads=1))
     assert seen == [(1, {1})]
     assert numba.get_num_threads() == top                        # put back after each call
     assert [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"] == blas_before
+
+
+def test_embed_and_classify_run_batches_side_by_side(minilm_path, sst2, mixed):
+    """With 2 threads and more than one batch, the batches run two at a time, each forward on a worker thread of
+    its own with 1 Numba and 1 BLAS thread (threadlimit.side_by_side); the vectors are those of one batch at a
+    time (the same rows through the same kernels: bit-identical here), in input order, and every limit is put
+    back after the call."""
+    import numba
+    from threadpoolctl import threadpool_info
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.fail("this test needs NUMBA_NUM_THREADS >= 2 (CI's machine has 2 cores)")
+    blas_before = [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+    model = minifca.from_pretrained(minilm_path)
+    one_by_one = np.empty((len(mixed), 384), np.float32)
+    for rows, v in model.embed_batches(mixed, batch_size=3):
+        one_by_one[rows] = v
+    used = set()
+    seen = limits_seen(model, lambda: model.embed(mixed, batch_size=3, threads=2), used)
+    assert seen == [(1, {1})] * -(-len(mixed) // 3)
+    assert len(used) == 2 and threading.get_ident() not in used
+    assert np.array_equal(model.embed(mixed, batch_size=3, threads=2), one_by_one)
+    labels = sst2.classify(mixed, batch_size=3, threads=2)
+    assert [lab for lab, _ in labels] == [sst2.classify(t)[0] for t in mixed]  # input order
+    assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+    assert [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"] == blas_before
+
+
+def test_side_by_side_keeps_order_bounds_the_work_in_flight_and_raises():
+    import time
+
+    from minifca.threadlimit import side_by_side
+    live, most, lock = [0], [0], threading.Lock()
+
+    def job(i):
+        with lock:
+            live[0] += 1
+            most[0] = max(most[0], live[0])
+        time.sleep(0.002 * ((7 * i) % 5))                            # finish out of order
+        with lock:
+            live[0] -= 1
+        if i == 13:
+            raise ValueError("job 13")
+        return i * i
+    results = side_by_side(job, range(13), 2)
+    assert next(results) == 0                                        # a generator: later jobs still to come
+    assert [0] + list(results) == [i * i for i in range(13)] and most[0] <= 2
+    with pytest.raises(ValueError, match="job 13"):
+        list(side_by_side(job, range(20), 2))
 
 
 def test_threads_checked(minilm_path):
