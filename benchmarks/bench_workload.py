@@ -9,12 +9,18 @@ Each engine's wall-clock time and its process's CPU time are reported; on a load
 Engines (each in its own fresh process, one after the other, the same thread count; every one does the whole
 job: tokenize, batch, forward, pool / softmax, results in input order; the timed pass follows a warm-up pass
 over the first batches):
-  minifca          Model.embed / Model.classify (sorted by token count, batches of --batch-size)
-  minifca-given    minifca called on each --batch-size slice in the file's order (the padding it used to compute)
+  minifca          Model.embed / Model.classify (sorted by token count, batches of --batch-size, as many side by
+                   side as there are threads, one thread each: threadlimit.side_by_side)
+  minifca-given    minifca called on each --batch-size slice in the file's order (one batch per call: every
+                   thread inside each forward; padding-free, so the padding costs nothing)
+  minifca-one-at-a-time  minifca's sorted batches one at a time, every thread inside each (Model.embed_batches;
+                   classify: the same loop over Model.batches)
   torch-loop       the usual loop: transformers + torch, tokenizer(padding=True) on each slice in the given order
   torch-sorted     the same with sentence-transformers' encode order (longest text first by characters)
   onnxruntime      ONNX Runtime (torch.onnx export, all graph optimisations) on minifca's exact batches
-                   (tokenized once, sorted by token count)
+                   (tokenized once, sorted by token count), one at a time, every thread inside each run
+  onnxruntime-side-by-side  the same batches, as many side by side as there are threads (one session,
+                   intra_op_num_threads=1, run from that many Python threads): minifca's way, for ONNX Runtime
 All embed engines truncate at the checkpoint's max_seq_length (256), mean-pool and L2-normalise, as encode does;
 "max |diff|" checks that each one computed the same vectors (probabilities) as minifca.
 
@@ -39,11 +45,15 @@ from minifca.assets import shared_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN, SST2_MODEL = shared_path("sst2_train"), shared_path("sst2_model")
-ENGINES = ["minifca", "minifca-given", "torch-loop", "torch-sorted", "onnxruntime"]
-DEFAULT_ENGINES = ["minifca", "torch-loop", "torch-sorted", "onnxruntime"]
+ENGINES = ["minifca", "minifca-given", "minifca-one-at-a-time", "torch-loop", "torch-sorted", "onnxruntime",
+           "onnxruntime-side-by-side"]
+DEFAULT_ENGINES = ["minifca", "minifca-one-at-a-time", "torch-loop", "torch-sorted", "onnxruntime",
+                   "onnxruntime-side-by-side"]
 LABELS = {"minifca": "minifca (numba, sorted)", "minifca-given": "minifca, given order",
+          "minifca-one-at-a-time": "minifca, one batch at a time",
           "torch-loop": "torch, usual loop (given order)", "torch-sorted": "torch, sorted (encode's order)",
-          "onnxruntime": "ONNX Runtime, sorted (same batches)"}
+          "onnxruntime": "ONNX Runtime, sorted (same batches)",
+          "onnxruntime-side-by-side": "ONNX Runtime, same batches side by side"}
 
 
 def log(msg):
@@ -63,7 +73,7 @@ def max_seq_length(folder):
 # ---------------------------------------------------------------- the engines (each runs in a worker process)
 
 
-def minifca_job(spec, given_order=False):
+def minifca_job(spec, given_order=False, one_at_a_time=False):
     import minifca
     model = minifca.from_pretrained(spec["folder"])
     bs = spec["batch_size"]
@@ -73,16 +83,28 @@ def minifca_job(spec, given_order=False):
             return model.embed(texts, batch_size=bs)
         return np.stack([p for _, p in model.classify(texts, batch_size=bs)])
 
+    def sequential(texts):                                           # the sorted batches, every thread in each
+        out = [None] * len(texts)
+        if spec["task"] == "embed":
+            for rows, v in model.embed_batches(texts, batch_size=bs):
+                for r, x in zip(rows, v):
+                    out[r] = x
+        else:
+            for rows, enc in model.batches(texts, batch_size=bs):
+                for r, p in zip(rows, minifca.reference.softmax(model(enc).logits.astype(np.float64))):
+                    out[r] = p
+        return np.stack(out)
+
     def run(texts):
+        if one_at_a_time:
+            return sequential(texts)
         if not given_order:
             return one_call(texts)
         return np.concatenate([one_call(texts[i:i + bs]) for i in range(0, len(texts), bs)])
 
-    def computed(texts):
-        if given_order:
-            return sum(model.tokenize(texts[i:i + bs], max_length=spec["max_length"]).attention_mask.size
-                       for i in range(0, len(texts), bs))
-        return sum(e.attention_mask.size for _, e in model.batches(texts, batch_size=bs, max_length=spec["max_length"]))
+    def computed(texts):                                             # padding-free: the layers compute the valid
+        return sum(model.tokenize(texts[i:i + bs], max_length=spec["max_length"]).attention_mask.sum()  # tokens
+                   for i in range(0, len(texts), bs))
     return run, computed
 
 
@@ -153,12 +175,12 @@ def export_job(spec):
     return {"path": str(path)}
 
 
-def ort_job(spec):
+def ort_job(spec, side_by_side=False):
     import onnxruntime as ort
     from tokenizers import Tokenizer
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads, so.inter_op_num_threads = spec["threads"], 1
+    so.intra_op_num_threads, so.inter_op_num_threads = (1 if side_by_side else spec["threads"]), 1
     sess = ort.InferenceSession(str(onnx_path(spec)), so, providers=["CPUExecutionProvider"])
     tok = Tokenizer.from_file(str(Path(spec["folder"]) / "tokenizer.json"))
     tok.no_padding()
@@ -178,10 +200,19 @@ def ort_job(spec):
                 ids[b, :n], mask[b, :n] = encs[j].ids, 1
             yield rows, ids, mask
 
+    def one(batch):
+        rows, ids, mask = batch
+        return rows, mask, sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+
     def run(texts):
         out = np.empty((len(texts), 0))
-        for rows, ids, mask in batches(texts):
-            (y,) = sess.run(None, {"input_ids": ids, "attention_mask": mask})
+        if side_by_side:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(spec["threads"]) as pool:
+                done = list(pool.map(one, batches(texts)))
+        else:
+            done = map(one, batches(texts))
+        for rows, mask, y in done:
             if spec["task"] == "embed":
                 m = mask[..., None].astype(np.float32)
                 y = (y * m).sum(1) / np.maximum(m.sum(1), 1e-9)
@@ -214,8 +245,10 @@ def worker(spec):
     if engine == "export":
         return export_job(spec)
     run, computed = {"minifca": lambda: minifca_job(spec), "minifca-given": lambda: minifca_job(spec, True),
+                     "minifca-one-at-a-time": lambda: minifca_job(spec, one_at_a_time=True),
                      "torch-loop": lambda: torch_job(spec, False), "torch-sorted": lambda: torch_job(spec, True),
-                     "onnxruntime": lambda: ort_job(spec)}[engine]()
+                     "onnxruntime": lambda: ort_job(spec),
+                     "onnxruntime-side-by-side": lambda: ort_job(spec, side_by_side=True)}[engine]()
     run(texts[:4 * spec["batch_size"]])                            # warm-up: compiles / loads caches, spins pools
     seconds, cpu, result = [], [], None
     for _ in range(spec["repeats"]):
@@ -238,7 +271,8 @@ def in_fresh_process(spec, threads, keep_openblas_env):
     if not keep_openblas_env:
         env.pop("OPENBLAS_CORETYPE", None)
         env.pop("OPENBLAS_L2_SIZE", None)
-    p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, stdout=subprocess.PIPE,
+    p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], check=False, env=env,
+                       stdout=subprocess.PIPE,
                        text=True)
     if p.returncode != 0:
         return {"error": f"{spec['engine']} worker exited with {p.returncode}"}
