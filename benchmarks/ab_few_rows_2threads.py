@@ -28,7 +28,8 @@ over --copies distinct matrices, so they are read from memory as in a forward (1
 
 With --forwards MODELS: whole forwards of from_pretrained's models (minilm-l6, bert-base) at batch 1 instead,
 full and FCA at the uniform keeps that halve and third the FLOPs (minifca bench's), with kernels.cpu._xwt swapped
-for x@wT, (w@xT)T or left as it is (_xwt), call by call in turn; printed: median ms and, for FCA, speedup x FLOPs
+for x@wT, (w@xT)T or left as it is (_xwt), or a second model on the checkpoint's C-order weights (checkpoint),
+call by call in turn; printed: median ms and, for FCA, speedup x FLOPs
 ratio (1.0 = the time falls as fast as the FLOPs).
 
 Usage, from the repository root (the override this machine sets must be unset, as users don't have it):
@@ -57,7 +58,7 @@ ap.add_argument("--shapes", default="768x3072,3072x768,768x768,384x1536,1536x384
 ap.add_argument("--variants", default="")
 ap.add_argument("--forwards", default="", help="models: time whole forwards instead of the products alone")
 ap.add_argument("--forward-shapes", default="1x128,1x16")
-ap.add_argument("--forms", default="x@wT,(w@xT)T", help="with --forwards: _xwt's forms to compare")
+ap.add_argument("--forms", default="x@wT,(w@xT)T", help="with --forwards: x@wT, (w@xT)T, _xwt, checkpoint")
 a = ap.parse_args()
 
 blas = ThreadpoolController().select(user_api="blas").lib_controllers[0]
@@ -141,20 +142,25 @@ def split2(x, w, b):
 
 
 def forwards():
-    """Whole forwards at batch 1, kernels.cpu._xwt swapped for each form in turn (medians of --reps)."""
+    """Whole forwards, kernels.cpu._xwt swapped for each form in turn (medians of --reps). The form `checkpoint`
+    runs a second model that holds the checkpoint's C-order weights (not laid out) with _xwt as it is: w @ x^T
+    for FEW_ROWS rows, x @ w^T above."""
     from minifca.fca import FCAConfig
     from minifca.kernels import cpu
+    from minifca.model import Model
+    from minifca.weights import find_weight_files, load_state, to_params
     kept = cpu._xwt
-    forms = {"x@wT": lambda x2, w: np.matmul(x2, w.T), "(w@xT)T": lambda x2, w: np.matmul(w, x2.T).T, "_xwt": kept}
+    forms = {"x@wT": lambda x2, w: np.matmul(x2, w.T), "(w@xT)T": lambda x2, w: np.matmul(w, x2.T).T, "_xwt": kept,
+             "checkpoint": kept}
     names = a.forms.split(",")
 
-    def ab(f):
+    def ab(f, models):
         times = {k: [] for k in names}
         for rep in range(a.reps + 1):                                # the first round warms up
             for k in names[rep % len(names):] + names[: rep % len(names)]:
                 cpu._xwt = forms[k]
                 t = time.perf_counter()
-                f()
+                f(models[k])
                 times[k].append(time.perf_counter() - t)
         cpu._xwt = kept
         return {k: float(np.median(t[1:])) * 1e3 for k, t in times.items()}
@@ -162,17 +168,22 @@ def forwards():
     print(bench.blas_line(bench.blas_info()), f"| BLAS threads {THREADS}, medians of {a.reps}, "
           f"load average {os.getloadavg()[0]:.1f}")
     for name in a.forwards.split(","):
-        model = minifca.from_pretrained(bench.ensure_checkpoint(Path("weights/bench"), name, bench.MODELS[name]),
-                                        backend="numba")
+        folder = bench.ensure_checkpoint(Path("weights/bench"), name, bench.MODELS[name])
+        model = minifca.from_pretrained(folder, backend="numba")
+        models = dict.fromkeys(names, model)
+        if "checkpoint" in names:
+            cfg = model.config
+            models["checkpoint"] = Model(cfg, to_params(load_state(find_weight_files(folder), cfg), cfg), None,
+                                         backend="numba")
         for shape in a.forward_shapes.split(","):
             B, L = (int(s) for s in shape.split("x"))
             ids = bench.random_ids(B, L, model.config.vocab_size)
-            full = ab(lambda ids=ids, m=model: m.forward(ids))
+            full = ab(lambda m, ids=ids: m.forward(ids), models)
             print(f"{name} {shape} full: " + ", ".join(f"{k} {v:.1f} ms" for k, v in full.items()), flush=True)
             for label, target in bench.FCA_TARGETS.items():
                 keep, fl = bench.fca_keep_for(model, L, target)
-                cfg = FCAConfig(keep=keep)
-                t = ab(lambda ids=ids, m=model, cfg=cfg: m.forward(ids, fca=cfg))
+                fca = FCAConfig(keep=keep)
+                t = ab(lambda m, ids=ids, fca=fca: m.forward(ids, fca=fca), models)
                 print(f"   FCA {label} (keep {keep:.3f}, FLOPs {fl:.2f}): " + ", ".join(
                     f"{k} {v:.1f} ms (speedup x FLOPs {full[k] / v * fl:.2f})" for k, v in t.items()), flush=True)
     print(f"load average {os.getloadavg()[0]:.1f}")
