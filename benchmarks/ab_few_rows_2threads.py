@@ -8,7 +8,7 @@ formulations that need no second copy of the weights are candidates (peak RSS is
 the whole linear (product + bias, a C-contiguous [R, out] result, as `_linear` returns):
 
   x@wT         np.matmul(x, w.T); y += b                          (what _linear does now)
-  x@wT,out=    the same into a preallocated buffer                (no allocation)
+  x@wT+out     the same into a preallocated buffer                (no allocation)
   dot          np.dot(x, w.T); y += b
   (w@xT)T      np.matmul(w, x.T).T, then bias into a new C array  (the weight as BLAS's left operand)
   xF@wT        np.matmul(np.asfortranarray(x), w.T); y += b       (x copied to column order: a TN/NT call)
@@ -193,7 +193,7 @@ if a.forwards:
     forwards()
     sys.exit(0)
 
-VARIANTS = {"x@wT": x_wt, "x@wT,out=": x_wt_out, "dot": dot, "(w@xT)T": w_xt, "xF@wT": xf_wt, "w@xTc": w_xtc,
+VARIANTS = {"x@wT": x_wt, "x@wT+out": x_wt_out, "dot": dot, "(w@xT)T": w_xt, "xF@wT": xf_wt, "w@xTc": w_xtc,
             "rows@gemv": rows_gemv, "split2": split2, "C:x@wT": x_wt, "C:(w@xT)T": w_xt}
 names = a.variants.split(",") if a.variants else list(VARIANTS)
 rows = [int(r) for r in a.rows.split(",")]
@@ -214,7 +214,7 @@ for shape in a.shapes.split(","):
         calls = {}
         for n in names:
             f = VARIANTS[n]
-            extra = (buf,) if n == "x@wT,out=" else ()
+            extra = (buf,) if n == "x@wT+out" else ()
             calls[n] = lambda f=f, w=None, x=x, b=b, extra=extra: f(x, w, b, *extra)
             got = calls[n](w=(wc if n.startswith("C:") else ws)[0])
             assert got.shape == (R, out_) and got.flags.c_contiguous, n
