@@ -1,9 +1,9 @@
 """`threads=`: how many threads one call may use, in Numba's parallel loops and in the BLAS (OpenBLAS,
 MKL) and OpenMP pools that NumPy's matrix products run on (set through threadpoolctl).
 
-The limits are process-wide for BLAS (threadpoolctl) and per calling thread for Numba, and are put back
-when the call returns; two threads calling with different limits at once share the BLAS setting of
-whichever set it last.
+The limits are process-wide for BLAS (threadpoolctl) and per calling thread for Numba. Numba's is put back
+when the call returns; BLAS's when the last of the calls limiting it at once returns, to what it was before
+the first (two threads calling with different limits at once share the BLAS setting of whichever set it last).
 
 `side_by_side` runs many independent jobs (embed's and classify's batches) a few at a time, each on a thread
 of its own with one thread inside, instead of one at a time with every thread inside each.
@@ -21,6 +21,8 @@ import numpy as np
 from .errors import InputError
 
 _controller = None   # threadpoolctl's view of the loaded BLAS/OpenMP libraries, found once
+_blas_lock = threading.Lock()
+_blas = {"open": 0, "first": None}   # limits open in any thread; the first one's limiter (it knows the original)
 _local = threading.local()   # .limits: the limits open in this thread (a call inside a limited call keeps its limit)
 
 
@@ -65,12 +67,32 @@ def thread_limit(threads, numba=True):
         nb.set_num_threads(threads)
     _local.limits = getattr(_local, "limits", []) + [threads]
     try:
-        with _controller.limit(limits=threads):
+        with _blas_limit(threads):
             yield
     finally:
         _local.limits = _local.limits[:-1]
         if before is not None:
             nb.set_num_threads(before)
+
+
+@contextmanager
+def _blas_limit(threads):
+    """BLAS's process-wide thread count at `threads` in the body; the count from before the first of the limits
+    open at once comes back when the last closes (a limit closing while another is open leaves it alone, so
+    concurrent calls never leave BLAS limited)."""
+    with _blas_lock:
+        limiter = _controller.limit(limits=threads)                  # set now
+        if _blas["open"] == 0:
+            _blas["first"] = limiter
+        _blas["open"] += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas["open"] -= 1
+            if _blas["open"] == 0:
+                _blas["first"].restore_original_limits()
+                _blas["first"] = None
 
 
 def side_by_side(fn, items, workers):
