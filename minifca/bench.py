@@ -259,14 +259,10 @@ PROFILED = {"embeddings": "embeddings", "_linear": "linear (Q, K, V, O, FFN out;
 
 def profile_worker(spec):
     """Where the numba forward's time goes: wall ms per op per forward (medians of `runs`), by wrapping
-    the module functions `bert_forward` calls; `ffn` includes its output linear and its bias + activation.
-    A batch whose parts ran side by side (Model._encode) counts each op per thread: its sum over the threads
-    divided by their number (key "threads")."""
-    import threading
-
+    the module functions `bert_forward` calls; `ffn` includes its output linear and its bias + activation."""
     from .kernels import cpu
     make, model = _runner("numba", spec["folder"], spec["threads"])
-    spent, threads = {}, set()
+    spent = {}
 
     def timed(fn, name):
         def run(*a, **k):
@@ -275,7 +271,6 @@ def profile_worker(spec):
                 return fn(*a, **k)
             finally:
                 spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
-                threads.add(threading.get_ident())
         return run
     for name in PROFILED:
         setattr(cpu, name, timed(getattr(cpu, name), name))
@@ -289,12 +284,10 @@ def profile_worker(spec):
             rows = []
             for _ in range(spec["runs"]):
                 spent.clear()
-                threads.clear()
                 t = time.perf_counter()
                 fn()
-                rows.append({**{k: v / len(threads) for k, v in spent.items()}, "total": time.perf_counter() - t})
+                rows.append(dict(spent, total=time.perf_counter() - t))
             res[f"{B}x{L} {label}"] = {k: float(np.median([r.get(k, 0.0) for r in rows])) * 1e3 for k in rows[0]}
-            res[f"{B}x{L} {label}"]["threads"] = len(threads)
     return res
 
 
@@ -449,9 +442,8 @@ def print_report(res):
                       f"({r['rss_after_imports'] / 2**20:.0f} MiB after imports, before loading)")
         for case, ops in entry.get("profile", {}).items():
             if isinstance(ops, dict):
-                parts = ", ".join(f"{PROFILED.get(k, k)} {v:.1f}" for k, v in ops.items() if k not in ("total", "threads"))
-                side = f" ({ops['threads']:.0f} parts side by side, per thread)" if ops.get("threads", 1) > 1 else ""
-                print(f"numba {case}: {ops['total']:.1f} ms{side} = {parts}")
+                parts = ", ".join(f"{PROFILED.get(k, k)} {v:.1f}" for k, v in ops.items() if k != "total")
+                print(f"numba {case}: {ops['total']:.1f} ms = {parts}")
         for e, r in entry["engines"].items():
             if "error" in r:
                 print(f"{e}: {r['error']}")

@@ -159,7 +159,10 @@ class Model:
                 raise ConfigError(f"{self.path}: a token classifier (BertForTokenClassification) labels every input "
                                   f"token, and FCA merges tokens: run it without fca")
         with getattr(self.ops, "one_at_a_time", nullcontext)():      # Numba's workqueue layer: forwards take turns
-            r = self._encode(ids, mask, tt, fca, output_hidden_states, output_attentions, trace)
+            r = reference.bert_forward(self.params, cfg, ids, mask, tt, fca=fca, ops=self.ops,
+                                       seeds=sequence_seeds(ids, mask) if fca is not None else None,
+                                       output_hidden_states=output_hidden_states,
+                                       output_attentions=output_attentions, trace=trace)
         x, m = r["last_hidden_state"], r["mask"]
         out = Output(x, m, r["sizes"], hidden_states=r["hidden_states"], attentions=r["attentions"],
                      trace=r["trace"], units=r["units"])
@@ -188,23 +191,6 @@ class Model:
         out.flops_full = int(model_flops(cfg, n_tokens, None, head).sum())
         out.flops_full_padded = int(model_flops(cfg, padded_len, None, head).sum())
         return out
-
-    def _encode(self, ids, mask, tt, fca, output_hidden_states, output_attentions, trace):
-        """reference.bert_forward on the batch. With 2+ threads on the CPU, a batch of 2+ sequences runs as that
-        many parts side by side, one thread each (threadlimit.side_by_side; a sequence gives the same alone or
-        batched), unless it is asked for hidden states, attentions or a trace: those come from one forward."""
-        seeds = sequence_seeds(ids, mask) if fca is not None else None
-
-        def run(rows):
-            return reference.bert_forward(self.params, self.config, ids[rows], mask[rows], tt[rows], fca=fca,
-                                          ops=self.ops, seeds=None if seeds is None else seeds[rows],
-                                          output_hidden_states=output_hidden_states,
-                                          output_attentions=output_attentions, trace=trace)
-        workers = 1 if output_hidden_states or output_attentions or trace else self._workers(None, len(ids), 1)
-        if workers < 2:
-            return run(slice(None))
-        parts = np.array_split(np.arange(len(ids)), workers)
-        return _one_batch(list(threadlimit.side_by_side(run, parts, workers)))
 
     def __call__(self, enc: Encoding, fca: FCAConfig | None = None, **kw) -> Output:
         if not isinstance(enc, Encoding):
@@ -326,21 +312,6 @@ class Model:
                     res[r] = (self.config.id2label[int(p.argmax())], p)
                 bar.update(len(rows))
         return res[0] if single else res
-
-
-def _one_batch(parts):
-    """bert_forward's results for consecutive parts of a batch (no hidden states, attentions or trace) as the
-    batch's: units padded to the longest part's count (FCA shortens each sequence to its own)."""
-    n = max(p["mask"].shape[1] for p in parts)
-
-    def cat(key):                                                    # [b, n_part, ...] -> [B, n, ...], zeros
-        return np.concatenate([np.pad(p[key], [(0, 0), (0, n - p[key].shape[1])] + [(0, 0)] * (p[key].ndim - 2))
-                               for p in parts])
-    units = None if parts[0]["units"] is None else [
-        {k: np.concatenate([p["units"][layer][k] for p in parts]) for k in parts[0]["units"][layer]}
-        for layer in range(len(parts[0]["units"]))]
-    return {"last_hidden_state": cat("last_hidden_state"), "mask": cat("mask"), "sizes": cat("sizes"),
-            "hidden_states": None, "attentions": None, "units": units, "trace": None}
 
 
 def _same(name, value, alias, alias_value):

@@ -10,7 +10,6 @@ import pytest
 
 import minifca
 from minifca.errors import ConfigError, InputError
-from minifca.fca import FCAConfig
 
 from conftest import EPS32, SST2_TRAIN, assert_f32_close, model_bound, read_sst2
 
@@ -270,7 +269,7 @@ def test_threads_limit_numba_and_blas_during_the_call(minilm_path, mixed):
     seen = limits_seen(model, lambda: model.embed(mixed[:6], batch_size=2))
     assert seen == [(1, {1})] * 3                                # the model's threads=1, in every forward
     n = min(2, top)
-    seen = limits_seen(model, lambda: model.embed(mixed[:1], threads=n))      # one sequence: one forward
+    seen = limits_seen(model, lambda: model.embed(mixed[:2], batch_size=2, threads=n))
     assert seen == [(n, {n})]                                    # the call's threads= wins over the model's
     seen = limits_seen(model, lambda: model.forward([[101, 102]], threads=1))
     assert seen == [(1, {1})]
@@ -301,28 +300,6 @@ def test_embed_and_classify_run_batches_side_by_side(minilm_path, sst2, mixed):
     assert [lab for lab, _ in labels] == [sst2.classify(t)[0] for t in mixed]  # input order
     assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
     assert [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"] == blas_before
-
-
-def test_forward_runs_a_batch_in_parts_side_by_side(minilm):
-    """With 2 threads, a forward of 2+ sequences runs as 2 parts, each on a worker thread with 1 Numba and 1 BLAS
-    thread (Model._encode); the result is the one forward's (bit-identical here: each sequence's rows go through
-    the same kernels), FCA's units and FLOPs included. Hidden states (or attentions, a trace) come from one
-    forward on the calling thread."""
-    rng = np.random.default_rng(2)
-    ids = rng.integers(1000, 2000, (5, 24))
-    mask = (np.arange(24)[None] < np.array([24, 9, 17, 3, 24])[:, None]).astype(np.float32)
-    for fca in (None, FCAConfig(keep=0.5)):
-        one = minilm.forward(ids, mask, fca=fca, threads=1)
-        used = set()
-        seen = limits_seen(minilm, lambda f=fca: minilm.forward(ids, mask, fca=f, threads=2), used)
-        assert seen == [(1, {1})] * 2 and len(used) == 2 and threading.get_ident() not in used
-        parts = minilm.forward(ids, mask, fca=fca, threads=2)
-        assert np.array_equal(parts.last_hidden_state, one.last_hidden_state)
-        assert np.array_equal(parts.mask, one.mask) and np.array_equal(parts.sizes, one.sizes)
-        assert parts.flops == one.flops and np.array_equal(parts.flops_per_sequence, one.flops_per_sequence)
-    used = set()
-    seen = limits_seen(minilm, lambda: minilm.forward(ids, mask, threads=2, output_hidden_states=True), used)
-    assert seen == [(2, {2})] and used == {threading.get_ident()}
 
 
 def test_side_by_side_keeps_order_bounds_the_work_in_flight_and_raises():

@@ -191,20 +191,20 @@ def test_fast_path_is_taken_only_when_eligible(models, monkeypatch):
     model = models["numba"]
     ids = np.arange(20).reshape(2, 10) % 64
     calls = count_fast_calls(monkeypatch)
-    model.forward(ids, fca=F.FCAConfig(keep=0.5, aggregate="clusters", clusters=2), threads=1)  # one part
+    model.forward(ids, fca=F.FCAConfig(keep=0.5, aggregate="clusters", clusters=2))
     assert calls == [0, 1, 2]                                        # every layer, batched
     for cfg, kw in [(F.FCAConfig(keep=0.5, score="random"), {}),
                     (F.FCAConfig(keep=0.5, aggregate="similarity"), {}),
                     (F.FCAConfig(keep=0.5), {"trace": True})]:
         calls.clear()
-        model.forward(ids, fca=cfg, threads=1, **kw)
+        model.forward(ids, fca=cfg, **kw)
         assert calls == [], cfg
     # a rule re-registered under a built-in name is not the built-in: the reference loop runs it
     monkeypatch.setitem(F.SCORES, "attention_received", lambda stats, x, keys, rng: -stats["received"])
     monkeypatch.setitem(F.AGGREGATES, "mean", lambda scores, sizes, keys, c: F.weighted(scores, sizes, keys, c))
     for cfg in (F.FCAConfig(keep=0.5), F.FCAConfig(keep=0.5, score="hidden_norm", aggregate="mean")):
         calls.clear()
-        model.forward(ids, fca=cfg, threads=1)
+        model.forward(ids, fca=cfg)
         assert calls == [], cfg
     assert not F.batchable(F.FCAConfig(keep=0.5))
 
@@ -221,7 +221,7 @@ def test_a_rule_registered_in_one_place_takes_the_fast_paths(models, new_rules, 
     fast, compiled, original = count_fast_calls(monkeypatch), [], cpu.reduce_batch
     monkeypatch.setattr(cpu, "reduce_batch", lambda *a: compiled.append(a[-1]) or original(*a))
     ids = np.arange(2, 26).reshape(2, 12) % 64
-    got = models["numba"].forward(ids, fca=cfg, threads=1)           # one part: each call counted once
+    got = models["numba"].forward(ids, fca=cfg)
     assert fast == list(range(LAYERS)) and compiled == [aggregate] * LAYERS
     want = models["numpy"].forward(ids, fca=cfg, trace=True)             # the reference loop, one sequence at a time
     assert np.array_equal(got.mask, want.mask) and got.mask.shape[1] < ids.shape[1]

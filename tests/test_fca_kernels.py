@@ -82,7 +82,7 @@ def test_numba_backend_uses_the_compiled_reduction(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu, "reduce_batch", lambda *a: calls.append(a[-1]) or original(*a))
     ids = np.arange(24).reshape(2, 12) % 50
     fca = F.FCAConfig(keep=0.5, aggregate="clusters", clusters=2)
-    fast = minifca.from_pretrained(folder, backend="numba").forward(ids, fca=fca, threads=1)  # one part
+    fast = minifca.from_pretrained(folder, backend="numba").forward(ids, fca=fca)
     assert calls == ["clusters", "clusters"]
     ref = minifca.from_pretrained(folder, backend="numpy").forward(ids, fca=fca)
     assert len(calls) == 2

@@ -118,10 +118,10 @@ def test_numba_forward_multiplies_only_the_valid_rows(random_models, monkeypatch
     rows = []
     product = C._xwt
     monkeypatch.setattr(C, "_xwt", lambda x2, w: rows.append(x2.shape[0]) or product(x2, w))
-    model.forward(ids, mask, threads=1)                              # one part (Model._encode)
+    model.forward(ids, mask)
     assert set(rows) == {int(mask.sum())} and int(mask.sum()) < mask.size
     rows.clear()
-    out = model.forward(ids, mask, fca=FCAConfig(keep=0.5), threads=1)
+    out = model.forward(ids, mask, fca=FCAConfig(keep=0.5))
     per_layer = [int(u["n_out"].sum()) for u in out.units]          # units each layer's FFN sees
     assert rows[-1] == per_layer[-1] < int(mask.sum())
 
