@@ -235,7 +235,7 @@ class Model:
     def _embedded(self, texts, fca, batch_size, max_length, truncation, normalize, workers):
         texts, max_length, truncation = self.sentence_inputs(texts, max_length, truncation)
         batches = self.batches(texts, None, batch_size, max_length, truncation)
-        return self._each_batch(lambda b: (b[0], self.embed_encoding(b[1], fca, normalize)), batches, workers)
+        return threadlimit.side_by_side(lambda b: (b[0], self.embed_encoding(b[1], fca, normalize)), batches, workers)
 
     def _workers(self, threads, n_texts, batch_size):
         """How many batches embed and classify run side by side (threadlimit.side_by_side): one per thread (the
@@ -248,13 +248,6 @@ class Model:
         if not isinstance(getattr(self.ops, "one_at_a_time", nullcontext)(), nullcontext):
             return 1
         return min(threads, -(-n_texts // batch_size))
-
-    @staticmethod
-    def _each_batch(fn, batches, workers):
-        """fn over the batches, in order: one at a time, or `workers` side by side with one thread each."""
-        if workers > 1:
-            return threadlimit.side_by_side(fn, batches, workers)
-        return map(fn, batches)
 
     def embed_encoding(self, enc, fca=None, normalize=None) -> np.ndarray:
         """The vectors [b, H] float32 of one tokenized batch (Encoding): pooled as the checkpoint says, unit length
@@ -306,7 +299,7 @@ class Model:
         workers = self._workers(threads, len(texts), batch_size)
         batches = self.batches(texts, pairs, batch_size, max_length, truncation)
         with self.limit_threads(threads), progress(len(texts), "classify", show_progress_bar) as bar:
-            for rows, probs in self._each_batch(lambda b: (b[0], reference.softmax(  # [b, C]
+            for rows, probs in threadlimit.side_by_side(lambda b: (b[0], reference.softmax(  # [b, C]
                     self(b[1], fca=fca).logits.astype(np.float64))), batches, workers):
                 for r, p in zip(rows, probs):
                     res[r] = (self.config.id2label[int(p.argmax())], p)

@@ -103,8 +103,12 @@ def side_by_side(fn, items, workers):
     then hands each matrix product and each parallel loop to the other threads and waits for them, dozens of
     times per layer, and on a loaded machine waits for threads the OS has descheduled (benchmarks/
     bench_workload.py measures both ways). BLAS's thread count is process-wide: it is 1 until the last result
-    is yielded, for the caller too. At most 2 x workers items are in flight.
+    is yielded, for the caller too. At most 2 x workers items are in flight. workers=1: fn on each item in
+    turn, in this thread, with the limits as they are.
     """
+    if workers < 2:
+        yield from map(fn, items)
+        return
     items = iter(items)
 
     def one(item):
