@@ -49,6 +49,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from minifca import bench
+from gemm_rows import w_xt, x_wt  # the two forms, as gemm_rows.py times them
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--reps", type=int, default=60)
@@ -88,12 +89,6 @@ class Half(threading.Thread):
 HALF = Half()
 
 
-def x_wt(x, w, b):
-    y = np.matmul(x, w.T)
-    y += b
-    return y
-
-
 def x_wt_out(x, w, b, buf):
     y = np.matmul(x, w.T, out=buf[: x.shape[0]])
     y += b
@@ -104,10 +99,6 @@ def dot(x, w, b):
     y = np.dot(x, w.T)
     y += b
     return y
-
-
-def w_xt(x, w, b):
-    return np.add(np.matmul(w, x.T).T, b, out=np.empty((x.shape[0], w.shape[0]), np.float32))
 
 
 def xf_wt(x, w, b):
