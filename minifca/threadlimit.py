@@ -4,6 +4,11 @@ MKL) and OpenMP pools that NumPy's matrix products run on (set through threadpoo
 The limits are process-wide for BLAS (threadpoolctl) and per calling thread for Numba. Numba's is put back
 when the call returns; BLAS's when the last of the calls limiting it at once returns, to what it was before
 the first (two threads calling with different limits at once share the BLAS setting of whichever set it last).
+A caveat of NumPy's OpenBLAS (0.3.31 here), not of minifca: raising its count from a thread other than the one
+that lowered it does not always take (reproduced with threadpoolctl alone: one thread sets 1 and stays alive,
+another sets 2, the count reads 1). So limited calls overlapping in several threads, embed's and classify's
+side by side included, can leave BLAS at 1 thread; `threadpoolctl.threadpool_limits` from the thread that
+lowered it puts it back.
 
 `side_by_side` runs many independent jobs (embed's and classify's batches) a few at a time, each on a thread
 of its own with one thread inside, instead of one at a time with every thread inside each.
