@@ -227,6 +227,13 @@ def test_hub_download_fetches_the_sentence_files():
 # ---------------------------------------------------------------- threads=
 
 
+def numpy_blas_threads():
+    """The thread counts of the BLAS libraries NumPy's products run on (threadpoolctl), not of others loaded
+    later (scipy's own OpenBLAS loads when Numba first compiles a kernel, inside a limit or not)."""
+    from threadpoolctl import threadpool_info
+    return [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas" and "numpy" in d["filepath"]]
+
+
 class Spy:
     """The numba ops with resident_params (which reference.bert_forward calls once, as each forward starts)
     wrapped to record the thread limits in force during each forward."""
@@ -239,8 +246,7 @@ class Spy:
 
     def resident_params(self, *a, **k):
         import numba
-        from threadpoolctl import threadpool_info
-        blas = {d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"}
+        blas = set(numpy_blas_threads())
         self._seen.append((numba.get_num_threads(), blas))
         self.threads_used.add(threading.get_ident())
         return self._ops.resident_params(*a, **k)
@@ -262,9 +268,8 @@ def limits_seen(model, call, threads_used=None):
 
 def test_threads_limit_numba_and_blas_during_the_call(minilm_path, mixed):
     import numba
-    from threadpoolctl import threadpool_info
     top = numba.config.NUMBA_NUM_THREADS
-    blas_before = [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+    blas_before = numpy_blas_threads()
     model = minifca.from_pretrained(minilm_path, threads=1)
     seen = limits_seen(model, lambda: model.embed(mixed[:6], batch_size=2))
     assert seen == [(1, {1})] * 3                                # the model's threads=1, in every forward
@@ -274,7 +279,7 @@ def test_threads_limit_numba_and_blas_during_the_call(minilm_path, mixed):
     seen = limits_seen(model, lambda: model.forward([[101, 102]], threads=1))
     assert seen == [(1, {1})]
     assert numba.get_num_threads() == top                        # put back after each call
-    assert [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"] == blas_before
+    assert numpy_blas_threads() == blas_before
 
 
 def test_embed_and_classify_run_batches_side_by_side(minilm_path, sst2, mixed):
@@ -283,10 +288,9 @@ def test_embed_and_classify_run_batches_side_by_side(minilm_path, sst2, mixed):
     time (the same rows through the same kernels: bit-identical here), in input order, and every limit is put
     back after the call."""
     import numba
-    from threadpoolctl import threadpool_info
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.fail("this test needs NUMBA_NUM_THREADS >= 2 (CI's machine has 2 cores)")
-    blas_before = [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+    blas_before = numpy_blas_threads()
     model = minifca.from_pretrained(minilm_path)
     one_by_one = np.empty((len(mixed), 384), np.float32)
     for rows, v in model.embed_batches(mixed, batch_size=3):
@@ -299,7 +303,7 @@ def test_embed_and_classify_run_batches_side_by_side(minilm_path, sst2, mixed):
     labels = sst2.classify(mixed, batch_size=3, threads=2)
     assert [lab for lab, _ in labels] == [sst2.classify(t)[0] for t in mixed]  # input order
     assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
-    assert [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"] == blas_before
+    assert numpy_blas_threads() == blas_before
 
 
 def test_side_by_side_keeps_order_bounds_the_work_in_flight_and_raises():
@@ -323,6 +327,42 @@ def test_side_by_side_keeps_order_bounds_the_work_in_flight_and_raises():
     assert [0] + list(results) == [i * i for i in range(13)] and most[0] <= 2
     with pytest.raises(ValueError, match="job 13"):
         list(side_by_side(job, range(20), 2))
+
+
+def test_side_by_side_runs_in_turn_while_another_thread_holds_a_limit():
+    """While thread A holds a limit, B's side_by_side runs its items in turn on B's own thread and sets nothing
+    (this OpenBLAS may not let a count lowered by one thread rise again from another); A's closing puts BLAS back.
+    Alone, the items run on two worker threads."""
+    import time
+
+    from minifca.threadlimit import side_by_side, thread_limit
+    blas = numpy_blas_threads
+    before = blas()
+    held, release, seen = threading.Event(), threading.Event(), {}
+
+    def a():
+        with thread_limit(1, numba=False):
+            held.set()
+            release.wait(10)
+
+    def b():
+        held.wait(10)
+        seen["threads"] = {i for i in side_by_side(lambda _: threading.get_ident(), range(6), 2)}
+        seen["me"] = threading.get_ident()
+        release.set()
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen["threads"] == {seen["me"]}
+    assert blas() == before
+
+    def slow(_):                                                     # long enough that the pool starts its second
+        time.sleep(0.02)                                             # thread while the first is busy
+        return threading.get_ident()
+    alone = set(side_by_side(slow, range(6), 2))
+    assert len(alone) == 2 and threading.get_ident() not in alone and blas() == before
 
 
 def test_threads_checked(minilm_path):
