@@ -20,7 +20,7 @@ import sys
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
@@ -51,9 +51,10 @@ def check_threads(threads):
 
 
 @contextmanager
-def thread_limit(threads, numba=True):
+def thread_limit(threads, numba=True, blas=True):
     """Run the body with at most `threads` threads (None: no limit). numba=False leaves Numba alone
-    (the numpy and cuda backends run no Numba parallel loops)."""
+    (the numpy and cuda backends run no Numba parallel loops); blas=False leaves BLAS's count as it is
+    (side_by_side's workers: their caller has set it)."""
     threads = check_threads(threads)
     if threads is None:
         yield
@@ -69,7 +70,7 @@ def thread_limit(threads, numba=True):
         nb.set_num_threads(threads)
     _local.limits = getattr(_local, "limits", []) + [threads]
     try:
-        with _blas_limit(threads):
+        with _blas_limit(threads) if blas else nullcontext():
             yield
     finally:
         _local.limits = _local.limits[:-1]
@@ -137,7 +138,7 @@ def side_by_side(fn, items, workers):
         items = iter(items)
 
         def one(item):
-            with thread_limit(1):                                    # this worker: Numba 1 thread; BLAS 1 (as set)
+            with thread_limit(1, blas=False):                        # this worker: Numba 1 thread; BLAS 1, as set
                 return fn(item)
         with ThreadPoolExecutor(workers, thread_name_prefix="minifca") as pool:
             pending = deque(pool.submit(one, item) for item in itertools.islice(items, 2 * workers))

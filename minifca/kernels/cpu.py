@@ -231,6 +231,18 @@ def _softmax_row(s, bias_b, scale):                                  # [n] logit
         s[j] = s[j] / tot
 
 
+BLOCK_ROWS = 4   # query rows per block of _attend (each key and value loaded serves this many)
+
+
+@nb.njit(inline="always", **_jit)
+def _head_blocks(Kt, Vh, base, m, h, d, H):
+    """Head h's transposed keys [d, m] and values [m, d] of the sequence at rows base..base+m, as _attend lays
+    them out: contiguous blocks at base H + h d m of its flat [T H] buffers (a 2-D slice of a wider array would
+    be non-contiguous to Numba, and its loops would not vectorise)."""
+    off = base * H + h * d * m
+    return Kt[off:off + d * m].reshape((d, m)), Vh[off:off + d * m].reshape((m, d))
+
+
 @nb.njit(parallel=True, fastmath={"contract"}, **_jit)
 def _attend(Q, K, V, bias, start, blk_seq, blk_row, n_head, want_probs, want_stats, probs, abar, ctx):
     """Masked multi-head attention of every query row, sequence by sequence; Q, K, V [T, H] (biases added).
@@ -248,15 +260,14 @@ def _attend(Q, K, V, bias, start, blk_seq, blk_row, n_head, want_probs, want_sta
     T, H = Q.shape
     B = start.shape[0] - 1
     d = H // n_head
-    R = 4                                                            # query rows per block
+    R = BLOCK_ROWS                                                   # query rows per block
     scale = np.float32(math.sqrt(d))
     Kt = np.empty(T * H, np.float32)                                 # per sequence and head: keys transposed,
     Vh = np.empty(T * H, np.float32)                                 # [d, m], and values, [m, d], contiguous
     for bh in nb.prange(B * n_head):                                 # (sequence b's head h at start[b] H + h d m)
         b_, h = bh // n_head, bh % n_head
         base, m = start[b_], start[b_ + 1] - start[b_]
-        kt = Kt[base * H + h * d * m:base * H + (h + 1) * d * m].reshape((d, m))
-        vh = Vh[base * H + h * d * m:base * H + (h + 1) * d * m].reshape((m, d))
+        kt, vh = _head_blocks(Kt, Vh, base, m, h, d, H)
         for c in range(d):
             for j in range(m):
                 kt[c, j] = K[base + j, h * d + c]
@@ -273,9 +284,7 @@ def _attend(Q, K, V, bias, start, blk_seq, blk_row, n_head, want_probs, want_sta
         acc = np.zeros((R, m), np.float32)                           # head sum of the probabilities
         out = np.empty((R, d), np.float32)
         for h in range(n_head):
-            off = base * H + h * d * m
-            kt = Kt[off:off + d * m].reshape((d, m))                 # [d, m]
-            vh = Vh[off:off + d * m].reshape((m, d))                 # [m, d]
+            kt, vh = _head_blocks(Kt, Vh, base, m, h, d, H)         # [d, m], [m, d]
             s[:] = 0.0
             if rows == R:                                            # s = q K_h^T, four rows per pass
                 s0, s1, s2, s3 = s[0], s[1], s[2], s[3]
@@ -329,12 +338,13 @@ def _attend(Q, K, V, bias, start, blk_seq, blk_row, n_head, want_probs, want_sta
                     abar[b_, i0 + r, j] = acc[r, j] / np.float32(n_head)
 
 
-def _blocks(start, rows=4):
-    """The blocks of four query rows `_attend` runs in parallel: [nblk] sequence of each, first row in it."""
-    per = (np.diff(start) + rows - 1) // rows                        # [B] blocks per sequence
+def _blocks(start):
+    """The blocks of BLOCK_ROWS query rows `_attend` runs in parallel: [nblk] the sequence of each, its first row
+    in it."""
+    per = (np.diff(start) + BLOCK_ROWS - 1) // BLOCK_ROWS            # [B] blocks per sequence
     seq = np.repeat(np.arange(len(per)), per)                        # [nblk]
     first = np.cumsum(per) - per                                     # [B] first block of each sequence
-    return seq.astype(np.int64), ((np.arange(len(seq)) - first[seq]) * rows).astype(np.int64)
+    return seq.astype(np.int64), ((np.arange(len(seq)) - first[seq]) * BLOCK_ROWS).astype(np.int64)
 
 
 @nb.njit(parallel=True, **_jit)
