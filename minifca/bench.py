@@ -252,14 +252,14 @@ def worker(spec):
     return res
 
 
-PROFILED = {"embeddings": "embeddings", "_linear": "linear (Q, K, V, O, FFN out; BLAS)", "ffn": "ffn",
-            "_bias_act_rows": "bias + activation", "_attend": "attention core (Numba)",
+PROFILED = {"embeddings": "embeddings", "_linear": "linear (Q, K, V, O, FFN in and out)", "ffn": "ffn",
+            "_act_rows": "activation", "_attend": "attention core (Numba)",
             "_stats": "FCA statistics", "add_layer_norm": "residual + LayerNorm"}
 
 
 def profile_worker(spec):
     """Where the numba forward's time goes: wall ms per op per forward (medians of `runs`), by wrapping
-    the module functions `bert_forward` calls; `ffn` includes its output linear and its bias + activation."""
+    the module functions `bert_forward` calls; `ffn` includes its two linears and its activation."""
     from .kernels import cpu
     make, model = _runner("numba", spec["folder"], spec["threads"])
     spent = {}

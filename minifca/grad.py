@@ -539,8 +539,7 @@ def leaves(tree, prefix=""):
 
 def trainable(params):
     """The parameters training updates, as writable C-ordered copies in the same nested layout (no masked-LM
-    head). C order: the numba backend holds its layer weights Fortran-ordered (kernels.cpu.lay_out), and the
-    optimizer updates each tensor through a flat view, which only a C-ordered array gives."""
+    head). C order: the optimizer updates each tensor through a flat view, which only a C-ordered array gives."""
     copy = lambda t: ({k: copy(v) for k, v in t.items()} if isinstance(t, dict)
                       else [copy(v) for v in t] if isinstance(t, list) else np.array(t, copy=True, order="C"))
     return copy({k: v for k, v in params.items() if k != "mlm"})

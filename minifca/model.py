@@ -401,11 +401,7 @@ def from_pretrained(name_or_path, backend="numba", *, threads=None, revision=Non
     cfg = BertConfig.from_json(folder / "config.json")
     files = find_weight_files(folder)
     params = to_params(load_state(files, cfg, mmap=bool(mmap)), cfg)
-    if backend == "numba":
-        from .kernels import cpu
-        release_pages(params)                                        # pages the load-time checks read
-        mapped, params = params, cpu.lay_out(params, after_each_layer=release_pages)  # the layout its products want;
-        release_pages(mapped)                                        # the copies are what it holds now
+    release_pages(params)                                            # pages the load-time checks read
     tok = None
     if (folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file():
         tok = Tokenizer.from_folder(folder, cfg.max_position_embeddings, cfg.pad_token_id)

@@ -134,8 +134,8 @@ def read_safetensors(path, mmap: bool = True) -> dict[str, np.ndarray]:
 
 def release_pages(tree) -> int:
     """Unmap from this process the pages read so far of every memory-mapped file under the arrays of `tree`
-    (nested dicts / lists): after a copy of them is made (kernels/cpu.lay_out), RSS then counts the copy once,
-    and the file's pages stay in the page cache, read back if a mapped array is used again. Returns how many
+    (nested dicts / lists): after load-time checks or a copy have read them, RSS then counts only what is used
+    next, and the file's pages stay in the page cache, read back if a mapped array is used again. Returns how many
     mappings were released."""
     seen = {}
 

@@ -432,7 +432,7 @@ def test_numba_adamw_matches_numpy():
 
 
 def test_numba_adamw_refuses_a_layout_it_would_not_update():
-    """A Fortran-ordered weight (the numba backend's layer layout) has no flat view: the update would land in a
+    """A Fortran-ordered weight has no flat view: the update would land in a
     copy and be lost, so the fused update refuses it; grad.trainable hands the optimizer C-ordered copies."""
     from minifca.kernels import cpu_grad
     w = np.asfortranarray(np.ones((4, 3), np.float32))

@@ -3,13 +3,14 @@
 Each public function here mirrors the reference function of the same name and is tested
 against it (tests/test_kernels.py). What changes is how the work is done, not what it is:
 
-- matrix products with the weights go through BLAS (NumPy's matmul); Numba would need scipy
-  to reach BLAS itself, and a hand-written loop is slower than OpenBLAS at these shapes. For a
-  few rows (short sentences, sequences FCA has shortened) the product runs as w @ x^T, which
-  OpenBLAS does faster there (`_xwt`; docs/bench_numba.md); from_pretrained lays the encoder's weights out once
-  (`lay_out`) so that every product is BLAS's no-transpose one, faster still at every row count;
-- everything between two matrix products is one parallel Numba loop over rows: bias +
-  activation, residual + LayerNorm, embedding gather + LayerNorm;
+- matrix products with the weights are `_linear_rows`: x @ w^T + b on the checkpoint's own [out, in] weights (no
+  copy at load), in 4x4 register tiles whose sums over k run in vector lanes, one parallel task per block of rows
+  and 32 weight rows. Against NumPy's OpenBLAS it is faster for the few rows of a sentence or a batch FCA has
+  shortened and even at a thousand rows (benchmarks/linear_rows.py, docs/bench_numba.md); every output is the
+  same sum whatever the batch around its row, and the forward runs on Numba's pool alone (no hand-off to
+  OpenBLAS's threads between kernels);
+- everything between two matrix products is one parallel Numba loop over rows: the activation,
+  residual + LayerNorm, embedding gather + LayerNorm;
 - attention is one parallel loop over (sequence, block of four query rows, so every key and
   value loaded serves four rows): for each head, logits, masked softmax and the weighted sum of values, while the head-averaged row that FCA's scores need
   is accumulated on the fly. [B, h, n, n] exists only when the caller asks for probabilities;
@@ -27,16 +28,16 @@ whose sum is 0 or NaN divides as NumPy would instead of raising ZeroDivisionErro
 
 Fastmath only inside `_softmax_row` (the max and the sum may be reassociated, so they vectorise;
 softmax several times cheaper), in the LayerNorm loops (reassociation only: their float64 sums vectorise;
-benchmarks/ab_ln_sums.py) and FMA contraction in attention; every row is still computed by one thread in
+benchmarks/ab_ln_sums.py), reassociation and FMA contraction in `_tile`'s dot products and FMA contraction in
+attention; every row is still computed by one thread in
 a fixed order by the same compiled code, so the same input gives bit-identical output run to run,
 whatever the scheduling.
 
-Threads: Numba's pool and OpenBLAS's pool take turns on the same cores. Numba's pool is TBB where the `tbb`
-wheel is installed (`minifca/_process.py` says why: no OpenMP runtime of torch's can take it over);
-on GNU OpenMP, threads that spin after a parallel loop starve the next BLAS call (measured: a
-GEMM followed by a LayerNorm took over 1.5 times as long on 2 cores), so idle OpenMP
-threads are asked to sleep there. The other way round, OpenBLAS's idle threads spin ~0.1 s after each
-product and starve the Numba loops; `_process.py` shortens that (OPENBLAS_THREAD_TIMEOUT, read when NumPy loads).
+Threads: the encoder runs on Numba's pool only. It is TBB where the `tbb` wheel is installed
+(`minifca/_process.py` says why: no OpenMP runtime of torch's can take it over); on GNU OpenMP, threads that
+spin after a parallel loop would starve the next one's partner, so idle OpenMP threads are asked to sleep there.
+OpenBLAS (the pooler, the heads, the numpy backend) keeps its own pool; `_process.py` shortens its idle spinning
+(OPENBLAS_THREAD_TIMEOUT, read when NumPy loads).
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ from ..errors import ConfigError
 from . import aggregate_code
 
 F32 = np.float32
-_ACT_KERNELS = {reference.gelu: 0, reference.gelu_new: 1, reference.relu: 2, reference.silu: 3}  # _bias_act_rows' codes
+_ACT_KERNELS = {reference.gelu: 0, reference.gelu_new: 1, reference.relu: 2, reference.silu: 3}  # _act_rows' codes
 ACT_CODES = {name: _ACT_KERNELS[fn] for name, fn in reference.ACTIVATIONS.items()}
 _jit = {"cache": True, "nogil": True, "error_model": "numpy"}  # x / 0 gives inf or NaN, as NumPy's: no ZeroDivisionError
 _SUMS = {"reassoc"}  # LayerNorm's float64 sums may be reassociated, so they vectorise (see _ln_row)
@@ -194,21 +195,20 @@ def _embed_rows(ids, tt, word, position, token_type, g, b, eps, out):  # [B, L] 
 
 
 @nb.njit(parallel=True, **_jit)
-def _bias_act_rows(x, b, code):                                      # [R, I] in place
+def _act_rows(x, out, code):                                         # [R, I] -> [R, I]; out may be x (in place)
     for r in nb.prange(x.shape[0]):                                  # one branch per row, so the
-        row = x[r]                                                   # inner loops vectorise
-        if code == 0:
-            for c in range(row.shape[0]):
-                row[c] = _gelu(row[c] + b[c])
+        if code == 0:                                                # inner loops vectorise
+            for c in range(x.shape[1]):
+                out[r, c] = _gelu(x[r, c])
         elif code == 1:
-            for c in range(row.shape[0]):
-                row[c] = _gelu_new(row[c] + b[c])
+            for c in range(x.shape[1]):
+                out[r, c] = _gelu_new(x[r, c])
         elif code == 2:
-            for c in range(row.shape[0]):
-                row[c] = max(row[c] + b[c], np.float32(0.0))
+            for c in range(x.shape[1]):
+                out[r, c] = max(x[r, c], np.float32(0.0))
         else:
-            for c in range(row.shape[0]):
-                row[c] = _silu(row[c] + b[c])
+            for c in range(x.shape[1]):
+                out[r, c] = _silu(x[r, c])
 
 
 # ---------------------------------------------------------------- attention
@@ -468,56 +468,80 @@ def reduce_batch(s, x, sizes, valid, k, c, active, aggregate):
 # ---------------------------------------------------------------- the weight products
 
 
-FEW_ROWS = (2, 80)   # row counts for which OpenBLAS runs w @ x^T faster than x @ w^T (see _xwt)
+_DOTS = {"reassoc", "contract"}  # a dot product's sum may be reassociated (so it runs in vector lanes) and fused
+TILE = 4                           # _linear_rows' register tile: 4 rows of x by 4 rows of w, 16 sums at once
+TILE_COLS = 32                     # weight rows (output columns) per task
+X_BLOCK = 1 << 17                  # floats of x per task (512 KiB): its rows stay in L2 while the weight rows pass
 
 
-def lay_out(params, after_each_layer=None):
-    """The encoder layers' linear weights laid out once, at load, for the product that uses them: each [out, in]
-    weight becomes a Fortran-ordered copy (still [out, in], the same values, to every reader; in memory [in, out]),
-    so x @ w^T is BLAS's plain no-transpose product, the fastest OpenBLAS has for these products at every row count
-    (one core, CPU time: 1.0-1.5x faster than the best of x @ w^T and w @ x^T on [out, in] rows, most at 8-128
-    rows; benchmarks/ab_weight_layout.py). The copies replace the memory-mapped originals, which the model then no
-    longer holds (from_pretrained unmaps the file's pages read while copying: weights.release_pages, called as
-    `after_each_layer(original_layer)` once each layer is copied), so resident memory holds the layer weights once,
-    also while loading. Embeddings, pooler and heads keep the checkpoint's layout."""
-    def linear(p):
-        w = np.asfortranarray(p["w"], dtype=F32)
-        w.flags.writeable = False                                    # read-only, as the mapped weights
-        return {**p, "w": w}
-    def copy(layer):
-        laid = {**layer, "attn": {k: linear(v) if k in "qkvo" else v for k, v in layer["attn"].items()},
-                "ffn": {k: linear(v) if k in ("i", "o") else v for k, v in layer["ffn"].items()}}
-        if after_each_layer is not None:
-            after_each_layer(layer)
-        return laid
-    return {**params, "layers": [copy(layer) for layer in params["layers"]]}
+@nb.njit(inline="always", fastmath=_DOTS, **_jit)
+def _tile(x, r0, w, n0, b, out, o0, K):
+    """out[o0 + i, n0 + j] = x[r0 + i] . w[n0 + j] + b[n0 + j] for i, j < 4: the 16 sums of one tile over k at once,
+    so each x and w value loaded serves 4 products (the loop over k vectorises: 16 vector accumulators)."""
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
+    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = np.float32(0.0)
+    x0, x1, x2, x3 = x[r0], x[r0 + 1], x[r0 + 2], x[r0 + 3]
+    w0, w1, w2, w3 = w[n0], w[n0 + 1], w[n0 + 2], w[n0 + 3]
+    for k in range(K):
+        p0, p1, p2, p3 = x0[k], x1[k], x2[k], x3[k]
+        q0, q1, q2, q3 = w0[k], w1[k], w2[k], w3[k]
+        a00 += p0 * q0; a01 += p0 * q1; a02 += p0 * q2; a03 += p0 * q3
+        a10 += p1 * q0; a11 += p1 * q1; a12 += p1 * q2; a13 += p1 * q3
+        a20 += p2 * q0; a21 += p2 * q1; a22 += p2 * q2; a23 += p2 * q3
+        a30 += p3 * q0; a31 += p3 * q1; a32 += p3 * q2; a33 += p3 * q3
+    for i, (s0, s1, s2, s3) in enumerate(((a00, a01, a02, a03), (a10, a11, a12, a13),
+                                          (a20, a21, a22, a23), (a30, a31, a32, a33))):
+        row = out[o0 + i]
+        row[n0], row[n0 + 1], row[n0 + 2], row[n0 + 3] = s0 + b[n0], s1 + b[n0 + 1], s2 + b[n0 + 2], s3 + b[n0 + 3]
 
 
-def _xwt(x2, w):
-    """[R, in] @ [out, in]^T through BLAS, with no copy of the weight.
+@nb.njit(parallel=True, fastmath=_DOTS, **_jit)
+def _linear_rows(x, w, b, out):                                      # [R, in] @ [out, in]^T + [out] -> [R, out]
+    """x @ w^T + b, w in the checkpoint's layout ([out, in], each output's weights one contiguous row).
 
-    A weight laid out by `lay_out` (Fortran order) makes this BLAS's no-transpose product: that, always.
-    For a weight in the checkpoint's layout (C order, memory-mapped): with few rows (a short sentence, or a
-    batch FCA has shortened) OpenBLAS's sgemm runs the same product faster as w @ x^T (weight as the left
-    operand), the transposed copy back included, up to ~96 rows, and slower from 128 (benchmarks/gemm_rows.py,
-    docs/bench_numba.md). The result is then a transposed view.
-    On 2 threads too, no other form of the laid-out product is faster on a free machine, at any row count
-    (benchmarks/ab_few_rows_2threads.py; docs/bench_numba.md, "Few-row products on 2 threads").
-    """
-    if w.flags.f_contiguous and not w.flags.c_contiguous:
-        return np.matmul(x2, w.T)                                    # [R, in] @ [in, out], C-contiguous
-    if FEW_ROWS[0] <= x2.shape[0] <= FEW_ROWS[1]:
-        return np.matmul(w, x2.T).T                                  # [R, out] view of [out, R]
-    return np.matmul(x2, w.T)                                        # [R, out]
+    One parallel loop over tasks (a block of x's rows by TILE_COLS weight rows); each task runs 4x4 `_tile`s.
+    Rows and weight rows past the last full tile are copied into zero-padded 4-row scratch blocks and run
+    through the same `_tile`, so every output element is the same sum in the same order whatever the number
+    of rows, the row's place among them or the thread count: a sentence's vectors do not depend on what it
+    was batched with."""
+    R, K = x.shape
+    N = w.shape[0]
+    rows = max(TILE, min(256, X_BLOCK // max(K, 1)) // TILE * TILE)    # x's rows per task
+    n_rb, n_cb = (R + rows - 1) // rows, (N + TILE_COLS - 1) // TILE_COLS
+    for t in nb.prange(n_rb * n_cb):
+        r_lo, c_lo = (t // n_cb) * rows, (t % n_cb) * TILE_COLS
+        r_hi, c_hi = min(r_lo + rows, R), min(c_lo + TILE_COLS, N)
+        r_full = r_lo + (r_hi - r_lo) // TILE * TILE                 # rows in full tiles end here
+        c_full = c_lo + (c_hi - c_lo) // TILE * TILE
+        padded = r_full < r_hi or c_full < c_hi                      # a scratch tile is needed
+        xs = np.zeros((TILE, K if padded else 0), np.float32)        # the last rows, zero-padded to a tile
+        for i in range(r_hi - r_full):
+            xs[i] = x[r_full + i]
+        os = np.empty((TILE, max(N, TILE) if padded else 0), np.float32)  # their sums, at the outputs' columns
+        for n in range(c_lo, c_full, TILE):
+            for r in range(r_lo, r_full, TILE):
+                _tile(x, r, w, n, b, out, r, K)
+            if r_full < r_hi:
+                _tile(xs, 0, w, n, b, os, 0, K)
+                for i in range(r_hi - r_full):
+                    out[r_full + i, n:n + TILE] = os[i, n:n + TILE]
+        if c_full < c_hi:                                            # the last weight rows, zero-padded
+            ws = np.zeros((TILE, K), np.float32)
+            bs = np.zeros(TILE, np.float32)
+            for j in range(c_hi - c_full):
+                ws[j], bs[j] = w[c_full + j], b[c_full + j]
+            for r in range(r_lo, r_hi, TILE):
+                src, r0 = (x, r) if r + TILE <= r_hi else (xs, 0)
+                _tile(src, r0, ws, 0, bs, os, 0, K)
+                for i in range(min(TILE, r_hi - r)):
+                    out[r + i, c_full:c_hi] = os[i, :c_hi - c_full]
 
 
 def _linear(x2, w, b):
-    """[R, in] @ [out, in]^T + b, C-contiguous [R, out]."""
-    y = _xwt(x2, w)                                                  # [R, out]
-    if y.flags.c_contiguous:
-        y += b
-        return y
-    return np.add(y, b, out=np.empty(y.shape, F32))
+    """[R, in] @ [out, in]^T + b, C-contiguous [R, out]: reference.linear's product in `_linear_rows`."""
+    out = np.empty((x2.shape[0], w.shape[0]), F32)
+    _linear_rows(np.ascontiguousarray(x2, F32), np.ascontiguousarray(w, F32), np.ascontiguousarray(b, F32), out)
+    return out
 
 
 # ---------------------------------------------------------------- padding-free execution
@@ -610,8 +634,8 @@ def ffn(x, i, o, act):
     if act not in ACT_CODES:
         raise ConfigError(f"config.json hidden_act {act!r} is not supported; choose from {', '.join(ACT_CODES)}")
     x2 = _rows(x)                                                    # [R, H]
-    hid = np.ascontiguousarray(_xwt(x2, i["w"]))                     # [R, I]
-    _bias_act_rows(hid, i["b"], ACT_CODES[act])                      # [R, I] in place
+    hid = _linear(x2, **i)                                           # [R, I]
+    _act_rows(hid, hid, ACT_CODES[act])                              # [R, I] in place
     return _like(x, _linear(hid, **o))                               # [B, n, H] or Packed
 
 

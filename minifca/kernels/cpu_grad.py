@@ -14,24 +14,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .cpu import ACT_CODES, _erf, _exp, _gelu, _gelu_new, _jit, _silu, _tanh
-
-
-@nb.njit(parallel=True, **_jit)
-def _act_rows(x, out, code):                                         # [R, I] -> [R, I]
-    for r in nb.prange(x.shape[0]):
-        if code == 0:
-            for c in range(x.shape[1]):
-                out[r, c] = _gelu(x[r, c])
-        elif code == 1:
-            for c in range(x.shape[1]):
-                out[r, c] = _gelu_new(x[r, c])
-        elif code == 2:
-            for c in range(x.shape[1]):
-                out[r, c] = max(x[r, c], np.float32(0.0))
-        else:
-            for c in range(x.shape[1]):
-                out[r, c] = _silu(x[r, c])
+from .cpu import ACT_CODES, _act_rows, _erf, _exp, _jit, _tanh
 
 
 @nb.njit(parallel=True, **_jit)
