@@ -3,7 +3,7 @@
     python benchmarks/linear_rows.py [--threads 1,2] [--rows 1,4,16,64,128,512,2048] [--reps 15]
 
 Per weight shape of MiniLM-L6 and bert-base ([out, in]) and row count, GFLOP/s of
-  ours      kernels.cpu._linear: _linear_rows on the checkpoint's C-order [out, in] weight (what the numba backend runs)
+  ours      kernels.cpu._linear: _linear_rows on the weight laid out in panels once (read-only, as a model's weights)
   blas-C    np.matmul(x, w.T) + b on the same weight (BLAS's transposed product)
   blas-F    the same on a Fortran-ordered copy (BLAS's no-transpose product: the layout the backend kept before)
 and ours / the faster BLAS form. The weights are cycled through ~100 MB of copies, so they come from memory, as in a
@@ -19,7 +19,7 @@ import numba
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from minifca.kernels.cpu import _linear
+from minifca.kernels.cpu import _laid_out, _linear
 
 SHAPES = {"MiniLM": [(384, 384), (1152, 384), (1536, 384), (384, 1536)],
           "bert-base": [(768, 768), (2304, 768), (3072, 768), (768, 3072)]}
@@ -49,6 +49,9 @@ def main():
                 for out_, in_ in shapes:
                     copies = max(1, int(100e6 // (out_ * in_ * 4)))
                     ws = [rng.standard_normal((out_, in_), dtype=np.float32) for _ in range(copies)]
+                    for w in ws:
+                        w.flags.writeable = False                    # as a model's: laid out once, before timing
+                        _laid_out(w)
                     wf = [np.asfortranarray(w) for w in ws]
                     b = rng.standard_normal(out_, dtype=np.float32)
                     cells = []

@@ -402,6 +402,9 @@ def from_pretrained(name_or_path, backend="numba", *, threads=None, revision=Non
     files = find_weight_files(folder)
     params = to_params(load_state(files, cfg, mmap=bool(mmap)), cfg)
     release_pages(params)                                            # pages the load-time checks read
+    if backend == "numba":
+        from .kernels import cpu
+        cpu.lay_out(params, after_each_layer=release_pages)          # the layout its products want, once
     tok = None
     if (folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file():
         tok = Tokenizer.from_folder(folder, cfg.max_position_embeddings, cfg.pad_token_id)

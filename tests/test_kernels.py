@@ -156,13 +156,15 @@ def test_ffn_matches_reference(act):
     assert close(C.ffn(x, **p, act=act), R.ffn(x, **p, act=act), depth=2, width=40)   # sums over 16, then 40
 
 
-@given(st.integers(1, 70), st.integers(0, 40), st.integers(1, 45), st.integers(0, 2**31 - 1))
-def test_linear_rows_match_float64_whatever_the_shape(rows, K, N, seed):
-    """_linear (x @ w^T + b in 4x4 tiles, zero-padded scratch tiles for the rows and weight rows past the last
-    full tile) against float64, at row and output counts on both sides of every tile and task edge; and each row
-    is bit-identical to the same row computed alone or after other rows (the sums do not depend on the batch)."""
+@given(st.integers(1, 70), st.integers(0, 40), st.integers(1, 70), st.integers(0, 2**31 - 1), st.booleans())
+def test_linear_rows_match_float64_whatever_the_shape(rows, K, N, seed, read_only):
+    """_linear (x @ w^T + b in 6-row by 32-output register tiles, zero-padded scratch tiles for the rows and
+    outputs past the last full tile) against float64, at row and output counts on both sides of every tile and
+    task edge; and each row is bit-identical to the same row computed alone or after other rows (the sums do not
+    depend on the batch)."""
     rng = np.random.default_rng(seed)
     x, w, b = rand(rng, rows, K), rand(rng, N, K, scale=0.3), rand(rng, N)
+    w.flags.writeable = not read_only                                             # laid out once, or per call
     got = C._linear(x, w, b)
     want = x.astype(np.float64) @ w.T.astype(np.float64) + b                        # [rows, N]
     assert got.shape == (rows, N) and got.flags.c_contiguous and got.dtype == np.float32
@@ -213,15 +215,43 @@ def random_models(tmp_path_factory):
     return minifca.from_pretrained(folder, backend="numpy"), minifca.from_pretrained(folder, backend="numba")
 
 
-def test_numba_model_multiplies_the_checkpoint_weights_in_place(random_models):
-    """from_pretrained(backend="numba") keeps the checkpoint's memory-mapped [out, in] weights, as the numpy backend
-    does: _linear_rows reads each output's weights as one contiguous row, so no copy is made at load."""
+def test_numba_model_lays_its_layer_weights_out_once(random_models):
+    """from_pretrained(backend="numba") keeps the checkpoint's memory-mapped [out, in] weights in its params, as the
+    numpy backend does, and lays each layer weight out once in panels for _linear_rows (kernels.cpu._laid_out: the
+    same panels on every call, holding the same values)."""
     ref, fast = random_models
     for lr, lf in zip(ref.params["layers"], fast.params["layers"]):
         for part, names in (("attn", "qkvo"), ("ffn", ("i", "o"))):
             for name in names:
                 wr, wf = lr[part][name]["w"], lf[part][name]["w"]
                 assert isinstance(wf, np.memmap) and wf.flags.c_contiguous and np.array_equal(wr, wf)
+                wp = C._laid_out(wf)
+                assert wp is C._laid_out(wf) and not wp.flags.writeable
+                assert np.array_equal(wp.transpose(0, 2, 1).reshape(-1, wf.shape[1])[:wf.shape[0]], wf)
+
+
+def test_laid_out_panels_go_when_their_weight_goes():
+    """The panels kept for a read-only weight do not keep it (or themselves) alive: a model dropped frees both."""
+    import gc
+    w = np.ones((40, 8), np.float32)
+    w.flags.writeable = False
+    key = id(w)
+    C._linear(np.ones((2, 8), np.float32), w, np.zeros(40, np.float32))
+    assert key in C._PANELS
+    del w
+    gc.collect()
+    assert key not in C._PANELS
+
+
+def test_linear_rows_see_an_update_to_a_writeable_weight():
+    """Only read-only weights keep their panels: a writeable one (training's) is laid out on every call, so an
+    in-place update is never hidden behind an old copy."""
+    rng = np.random.default_rng(0)
+    x, w, b = rand(rng, 5, 8), rand(rng, 3, 8), rand(rng, 3)
+    before = C._linear(x, w, b)
+    w *= 2
+    after = C._linear(x, w, b)
+    assert close(after - b, 2 * (before - b), depth=1, width=8) and not np.allclose(after, before)
 
 
 def same_trace(ref, got):
