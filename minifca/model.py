@@ -167,12 +167,13 @@ class Model:
         out = Output(x, m, r["sizes"], hidden_states=r["hidden_states"], attentions=r["attentions"],
                      trace=r["trace"], units=r["units"])
         p = self.params
+        lin = self.ops.linear if self.backend == "numba" else reference.linear  # numba's: OpenBLAS's threads stay asleep
         if "pooler" in p:
-            out.pooler_output = reference.pooler(x, **p["pooler"])
+            out.pooler_output = reference.pooler(x, **p["pooler"], linear=lin)
         if "classifier" in p:
-            out.logits = reference.classifier(out.pooler_output, **p["classifier"])
+            out.logits = reference.classifier(out.pooler_output, **p["classifier"], linear=lin)
         elif "token_classifier" in p:
-            out.logits = reference.classifier(x, **p["token_classifier"])       # [B, L, H] -> [B, L, C]
+            out.logits = reference.classifier(x, **p["token_classifier"], linear=lin)  # [B, L, H] -> [B, L, C]
         elif "mlm" in p and fca is None:
             out.logits = reference.mlm_head(x, **p["mlm"], act=cfg.hidden_act, eps=cfg.layer_norm_eps)
         elif "mlm" in p:

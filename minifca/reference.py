@@ -128,11 +128,11 @@ def ffn(x, i, o, act):
 # ---------------------------------------------------------------- heads
 
 
-def pooler(x, w, b):
+def pooler(x, w, b, linear=linear):                                 # linear: a backend's, where it has one
     return np.tanh(linear(x[:, 0], w, b))                            # [B, n, H] -> [B, H]
 
 
-def classifier(pooled, w, b):
+def classifier(pooled, w, b, linear=linear):
     return linear(pooled, w, b)                                      # [B, H] -> [B, C]
 
 

@@ -118,6 +118,7 @@ def test_numba_forward_multiplies_only_the_valid_rows(random_models, monkeypatch
     rows = []
     product = C._linear
     monkeypatch.setattr(C, "_linear", lambda x2, w, b: rows.append(x2.shape[0]) or product(x2, w, b))
+    monkeypatch.setattr(C, "linear", R.linear)                      # the heads' [B, H] products: not counted
     model.forward(ids, mask)
     assert set(rows) == {int(mask.sum())} and int(mask.sum()) < mask.size
     rows.clear()
@@ -228,6 +229,19 @@ def test_numba_model_lays_its_layer_weights_out_once(random_models):
                 wp = C._laid_out(wf)
                 assert wp is C._laid_out(wf) and not wp.flags.writeable
                 assert np.array_equal(wp.transpose(0, 2, 1).reshape(-1, wf.shape[1])[:wf.shape[0]], wf)
+
+
+def test_numba_heads_run_in_linear_rows(random_models, monkeypatch):
+    """The pooler and the classifier of a numba forward go through kernels.cpu.linear (so no product of the forward
+    wakes OpenBLAS's threads, whose idle spinning slowed the next forward by a quarter where NumPy was imported
+    before minifca), and give the numpy backend's logits."""
+    ref, fast = random_models
+    calls, plain = [], C.linear
+    monkeypatch.setattr(C, "linear", lambda x, w, b: calls.append(w.shape) or plain(x, w, b))
+    ids = np.random.default_rng(5).integers(0, 120, (2, 9))
+    got, want = fast.forward(ids), ref.forward(ids)
+    assert calls == [fast.params["pooler"]["w"].shape, fast.params["classifier"]["w"].shape]
+    assert within_model(got.logits, want.logits, fast.config, extra_depth=2)      # + pooler and classifier
 
 
 def test_laid_out_panels_go_when_their_weight_goes():

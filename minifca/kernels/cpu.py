@@ -615,6 +615,13 @@ def lay_out(params, after_each_layer=None):
     return params
 
 
+def linear(x, w, b):
+    """reference.linear ([..., in] -> [..., out]) in `_linear_rows`: the heads' products, so that a numba forward
+    never wakes OpenBLAS's threads (whose idle spinning would take the cores from the next forward's kernels)."""
+    x = np.asarray(x)
+    return _linear(x.reshape(-1, x.shape[-1]), w, b).reshape(*x.shape[:-1], w.shape[0])
+
+
 def _linear(x2, w, b):
     """[R, in] @ [out, in]^T + b, C-contiguous [R, out]: reference.linear's product in `_linear_rows`."""
     wp = _laid_out(w)
