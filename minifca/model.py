@@ -158,25 +158,24 @@ class Model:
             if "token_classifier" in self.params:
                 raise ConfigError(f"{self.path}: a token classifier (BertForTokenClassification) labels every input "
                                   f"token, and FCA merges tokens: run it without fca")
-        with getattr(self.ops, "one_at_a_time", nullcontext)():      # Numba's workqueue layer: forwards take turns
-            r = reference.bert_forward(self.params, cfg, ids, mask, tt, fca=fca, ops=self.ops,
+        p = self.params
+        lin = self.ops.linear if self.backend == "numba" else reference.linear  # numba's: OpenBLAS's threads stay asleep
+        with getattr(self.ops, "one_at_a_time", nullcontext)():      # Numba's workqueue layer: forwards (and their
+            r = reference.bert_forward(self.params, cfg, ids, mask, tt, fca=fca, ops=self.ops,  # heads) take turns
                                        seeds=sequence_seeds(ids, mask) if fca is not None else None,
                                        output_hidden_states=output_hidden_states,
                                        output_attentions=output_attentions, trace=trace)
-        x, m = r["last_hidden_state"], r["mask"]
-        out = Output(x, m, r["sizes"], hidden_states=r["hidden_states"], attentions=r["attentions"],
+            x = r["last_hidden_state"]
+            pooled = reference.pooler(x, **p["pooler"], linear=lin) if "pooler" in p else None
+            logits = (reference.classifier(pooled, **p["classifier"], linear=lin) if "classifier" in p else
+                      reference.classifier(x, **p["token_classifier"], linear=lin) if "token_classifier" in p  # [B, L, C]
+                      else None)
+        out = Output(x, r["mask"], r["sizes"], hidden_states=r["hidden_states"], attentions=r["attentions"],
                      trace=r["trace"], units=r["units"])
-        p = self.params
-        lin = self.ops.linear if self.backend == "numba" else reference.linear  # numba's: OpenBLAS's threads stay asleep
-        if "pooler" in p:
-            out.pooler_output = reference.pooler(x, **p["pooler"], linear=lin)
-        if "classifier" in p:
-            out.logits = reference.classifier(out.pooler_output, **p["classifier"], linear=lin)
-        elif "token_classifier" in p:
-            out.logits = reference.classifier(x, **p["token_classifier"], linear=lin)  # [B, L, H] -> [B, L, C]
-        elif "mlm" in p and fca is None:
+        out.pooler_output, out.logits = pooled, logits
+        if logits is None and "mlm" in p and fca is None:
             out.logits = reference.mlm_head(x, **p["mlm"], act=cfg.hidden_act, eps=cfg.layer_norm_eps)
-        elif "mlm" in p:
+        elif logits is None and "mlm" in p:
             out.why_no_logits = ("no masked-LM logits with FCA: the head predicts the token at each input position, "
                                  "and FCA has merged positions into coarse units (run without fca for logits)")
         if not np.isfinite(x).all() or (out.logits is not None and not np.isfinite(out.logits).all()):
