@@ -612,7 +612,6 @@ def lay_out(params, after_each_layer=None):
             _laid_out(p["w"])                                        # mmap=False, or converted): frozen
         if after_each_layer is not None:
             after_each_layer(layer)
-    return params
 
 
 def linear(x, w, b):
@@ -625,8 +624,9 @@ def linear(x, w, b):
 def _linear(x2, w, b):
     """[R, in] @ [out, in]^T + b, C-contiguous [R, out]: reference.linear's product in `_linear_rows`."""
     wp = _laid_out(w)
-    bias = np.zeros(wp.shape[0] * PANEL, F32)
-    bias[:w.shape[0]] = b
+    bias = np.ascontiguousarray(b, F32)                              # the tiles read it panel-wide: padded only
+    if len(bias) % PANEL:                                            # where out is not a multiple of 32
+        bias = np.concatenate([bias, np.zeros(wp.shape[0] * PANEL - len(bias), F32)])
     out = np.empty((x2.shape[0], w.shape[0]), F32)
     _linear_rows(np.ascontiguousarray(x2, F32), wp, bias, out)
     return out
