@@ -493,6 +493,14 @@ class FCAState:
         if self.trace is not None:
             self.trace.append([_describe(M, S, k) for M, S, k in zip(self.members, self.inside, self.n_fine)])
 
+    def leaves_alone(self, layer, cfg, mask) -> bool:
+        """Would `reduce` return this layer's batch exactly as it is? So when no unit is padding (else it also
+        re-packs the units and zeroes the padding) and, for the batched rules, `batch_plan` (from the mask alone)
+        shrinks no sequence: e.g. every layer after a uniform keep's one cut, where each sequence has only its
+        one coarse unit left to merge. Such a layer then needs neither the attention's statistics nor a reduce."""
+        valid = np.asarray(mask) > 0
+        return bool(valid.all()) and self.batched(cfg) and not batch_plan(cfg, layer, self.n_tokens, valid).active.any()
+
     def batched(self, cfg) -> bool:
         """Is this layer decided for the whole batch at once (rules with batched facts, no trace)?"""
         return self.members is None and batchable(cfg)

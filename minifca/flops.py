@@ -26,8 +26,10 @@ def flops_per_layer(cfg, n_tokens, units=None):
     H, I, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
     n_tokens = np.asarray(n_tokens, np.int64)
     if units is None:
-        return np.stack([layer_flops(n_tokens, n_tokens, H, I, h) for _ in range(cfg.num_hidden_layers)])
-    return np.stack([layer_flops(u["n_in"], u["n_out"], H, I, h, u["n_merged"], u["scored"]) for u in units])
+        n = np.broadcast_to(n_tokens, (cfg.num_hidden_layers,) + n_tokens.shape)  # [num_layers, B]
+        return layer_flops(n, n, H, I, h)
+    n_in, n_out, n_merged, scored = (np.stack([u[key] for u in units]) for key in ("n_in", "n_out", "n_merged", "scored"))
+    return layer_flops(n_in, n_out, H, I, h, n_merged, scored)       # [num_layers, B]
 
 
 def model_flops(cfg, n_tokens, units=None, head=0):

@@ -200,7 +200,7 @@ def bert_forward(params, cfg, ids, mask, tt, fca=None, ops=None, seeds=None,
     scores_read_stats = fca is not None and fca_mod.score_facts(fca.score).stats
     hidden, attns = [ops.to_host(x)] if output_hidden_states else None, [] if output_attentions else None
     for layer, p in enumerate(params["layers"]):
-        reduce = fca is not None and fca.active(layer)
+        reduce = fca is not None and fca.active(layer) and not state.leaves_alone(layer, fca, mask)
         log_size = ops.log_size(sizes) if fca is not None and fca.proportional_attention else None  # [B, n]
         a, probs, stats, K = ops.attention(x, mask, log_size, **p["attn"], n_head=n_head,
                                            want_probs=attns is not None, want_stats=reduce and scores_read_stats)

@@ -191,8 +191,8 @@ def test_fast_path_is_taken_only_when_eligible(models, monkeypatch):
     model = models["numba"]
     ids = np.arange(20).reshape(2, 10) % 64
     calls = count_fast_calls(monkeypatch)
-    model.forward(ids, fca=F.FCAConfig(keep=0.5, aggregate="clusters", clusters=2))
-    assert calls == [0, 1, 2]                                        # every layer, batched
+    model.forward(ids, fca=F.FCAConfig(keep=[0.6, 0.3, 0.1], aggregate="clusters", clusters=2))
+    assert calls == [0, 1, 2]                                        # every layer (each shrinks), batched
     for cfg, kw in [(F.FCAConfig(keep=0.5, score="random"), {}),
                     (F.FCAConfig(keep=0.5, aggregate="similarity"), {}),
                     (F.FCAConfig(keep=0.5), {"trace": True})]:
@@ -216,7 +216,7 @@ def test_a_rule_registered_in_one_place_takes_the_fast_paths(models, new_rules, 
     from minifca import ablate
     from minifca.kernels import cpu
     score, aggregate = new_rules
-    cfg = F.FCAConfig(keep=0.5, score=score, aggregate=aggregate, clusters=2)
+    cfg = F.FCAConfig(keep=[0.5, 0.25, 0.1], score=score, aggregate=aggregate, clusters=2)  # each layer shrinks
     assert F.batchable(cfg)
     fast, compiled, original = count_fast_calls(monkeypatch), [], cpu.reduce_batch
     monkeypatch.setattr(cpu, "reduce_batch", lambda *a: compiled.append(a[-1]) or original(*a))
@@ -230,3 +230,44 @@ def test_a_rule_registered_in_one_place_takes_the_fast_paths(models, new_rules, 
                                                                                       models["numpy"].config)
     (label, _, row), = ablate.grid(LAYERS, [score], [aggregate], [0.5], clusters=3)
     assert row.clusters == 3 and label.endswith("-3")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("aggregate", ["weighted", "drop", "clusters"])
+def test_layers_a_reduction_would_leave_alone_are_not_reduced(models, backend, aggregate, monkeypatch):
+    """After a uniform keep's one cut, each sequence has only its coarse units left to merge (none for drop):
+    `leaves_alone` says so from the mask, and those layers run without statistics or a reduce. The result is
+    the forward that reduces them anyway, to the bit: the units, sizes, FLOPs and every hidden state."""
+    model = models[backend]
+    ids = np.arange(3, 27).reshape(2, 12) % 64                       # no padding: the skip applies
+    cfg = F.FCAConfig(keep=0.5, aggregate=aggregate, clusters=2 if aggregate == "clusters" else 1)
+    reduced, stats_asked, attention = [], [], model.ops.attention
+    original = F.FCAState.reduce
+    monkeypatch.setattr(F.FCAState, "reduce", lambda self, layer, *a, **k: reduced.append(layer) or original(self, layer, *a, **k))
+    monkeypatch.setattr(model.ops, "attention", lambda *a, **k: stats_asked.append(k["want_stats"]) or attention(*a, **k))
+    fast = model.forward(ids, fca=cfg, output_hidden_states=True)
+    assert reduced == [0] and stats_asked == [True, False, False]
+    reduced.clear()
+    monkeypatch.setattr(F.FCAState, "leaves_alone", lambda self, *a: False)
+    every = model.forward(ids, fca=cfg, output_hidden_states=True)
+    assert reduced == [0, 1, 2]
+    assert_same_units(fast.units, every.units)
+    assert fast.flops == every.flops
+    np.testing.assert_array_equal(fast.mask, every.mask)
+    np.testing.assert_array_equal(fast.sizes, every.sizes)
+    for a, b in zip(fast.hidden_states, every.hidden_states):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(fast.logits, every.logits)
+
+
+def test_leaves_alone_only_where_the_reduction_is_the_identity():
+    mask = np.ones((2, 7), np.float32)
+    state = F.FCAState.start(np.ones((2, 12), np.float32), None, False)  # 12 tokens, cut to 6 fine + 1 coarse
+    cfg = F.FCAConfig(keep=0.5)
+    assert state.leaves_alone(1, cfg, mask)
+    assert not state.leaves_alone(0, cfg, np.ones((2, 12), np.float32))  # the cut itself
+    assert not state.leaves_alone(1, F.FCAConfig(keep=[0.5, 0.25, 0.1]), mask)  # a schedule that shrinks again
+    padded = mask.copy()
+    padded[1, 6] = 0                                                 # padding: a reduce would re-pack it
+    assert not state.leaves_alone(1, cfg, padded)
+    assert not F.FCAState.start(np.ones((2, 12), np.float32), None, True).leaves_alone(1, cfg, mask)  # a trace

@@ -81,7 +81,7 @@ def test_numba_backend_uses_the_compiled_reduction(tmp_path, monkeypatch):
     calls, original = [], cpu.reduce_batch
     monkeypatch.setattr(cpu, "reduce_batch", lambda *a: calls.append(a[-1]) or original(*a))
     ids = np.arange(24).reshape(2, 12) % 50
-    fca = F.FCAConfig(keep=0.5, aggregate="clusters", clusters=2)
+    fca = F.FCAConfig(keep=[0.5, 0.25], aggregate="clusters", clusters=2)  # both layers shrink
     fast = minifca.from_pretrained(folder, backend="numba").forward(ids, fca=fca)
     assert calls == ["clusters", "clusters"]
     ref = minifca.from_pretrained(folder, backend="numpy").forward(ids, fca=fca)

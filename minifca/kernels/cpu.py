@@ -341,13 +341,21 @@ def _attend(Q, K, V, bias, start, blk_seq, blk_row, n_head, want_probs, want_sta
                     abar[b_, i0 + r, j] = acc[r, j] / np.float32(n_head)
 
 
+@nb.njit(**_jit)
 def _blocks(start):
     """The blocks of BLOCK_ROWS query rows `_attend` runs in parallel: [nblk] the sequence of each, its first row
-    in it."""
-    per = (np.diff(start) + BLOCK_ROWS - 1) // BLOCK_ROWS            # [B] blocks per sequence
-    seq = np.repeat(np.arange(len(per)), per)                        # [nblk]
-    first = np.cumsum(per) - per                                     # [B] first block of each sequence
-    return seq.astype(np.int64), ((np.arange(len(seq)) - first[seq]) * BLOCK_ROWS).astype(np.int64)
+    in it (compiled: it runs once per layer, and NumPy's calls on [B] arrays cost more than the loop)."""
+    B = len(start) - 1
+    n_blk = 0
+    for b_ in range(B):
+        n_blk += (start[b_ + 1] - start[b_] + BLOCK_ROWS - 1) // BLOCK_ROWS
+    seq, row = np.empty(n_blk, np.int64), np.empty(n_blk, np.int64)
+    t = 0
+    for b_ in range(B):
+        for r in range(0, start[b_ + 1] - start[b_], BLOCK_ROWS):
+            seq[t], row[t] = b_, r
+            t += 1
+    return seq, row
 
 
 @nb.njit(parallel=True, **_jit)
