@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import minifca
 from minifca import reference as R
@@ -60,6 +60,35 @@ def test_attention_matches_reference(shape, proportional, want_probs):
     for name in stats:            # statistics sum probabilities over the n queries/keys once more
         assert close(stats[name], ref[2][name], depth=4, width=w), name
     assert C.attention(x, mask, log_size, **p, n_head=h, want_probs=False)[1:3] == (None, None)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 70), st.sampled_from([(8, 1), (32, 1), (40, 1), (128, 2), (96, 3)]),
+       st.integers(0, 2**31 - 1), st.booleans())
+def test_attention_tiles_match_reference_across_panel_edges(B, n, head, seed, want_stats):
+    """_attend's products in `_panel_tile` register tiles: keys in panels of 32 (n up to 70: one, two and three
+    panels, the last one partial), values in panels of 32 of a head's d elements (d = 8, 32, 40, 64: part of a
+    panel, one, one and a part, two), query rows six at a time. Against the reference on a padded batch; and
+    each sequence's context is bit-identical computed alone (its rows in other blocks, other panels' padding)."""
+    H, h = head
+    rng = np.random.default_rng(seed)
+    x, mask = rand(rng, B, n, H), random_mask(rng, B, n)
+    p = {name: linear_params(rng, H, H) for name in "qkvo"}
+    ref = R.attention(x, mask, None, **p, n_head=h, want_stats=want_stats)
+    packed = C.pack(x, mask)
+    out, probs, stats, _ = C.attention(packed, mask, None, **p, n_head=h, want_probs=True, want_stats=want_stats)
+    valid = mask > 0
+    w = max(H, n)                 # projections sum over H, softmax and A·V over the n keys
+    assert close(out.rows, ref[0][valid], depth=5, width=w)
+    assert close(probs[valid[:, None, :, None] & valid[:, None, None, :] & np.ones((1, h, 1, 1), bool)],
+                 ref[1][valid[:, None, :, None] & valid[:, None, None, :] & np.ones((1, h, 1, 1), bool)],
+                 depth=3, width=w)
+    if want_stats:
+        for name in stats:
+            assert close(stats[name][valid], ref[2][name][valid], depth=4, width=w), name
+    b = int(rng.integers(B))
+    alone = C.attention(C.pack(x[b:b + 1], mask[b:b + 1]), mask[b:b + 1], None, **p, n_head=h, want_probs=False)[0]
+    assert np.array_equal(alone.rows, out.rows[packed.start[b]:packed.start[b + 1]])
 
 
 @given(shapes, st.booleans(), st.booleans())

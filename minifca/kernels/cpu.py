@@ -13,9 +13,10 @@ against it (tests/test_kernels.py). What changes is how the work is done, not wh
   (no hand-off to OpenBLAS's threads between kernels);
 - everything between two matrix products is one parallel Numba loop over rows: the activation,
   residual + LayerNorm, embedding gather + LayerNorm;
-- attention is one parallel loop over (sequence, block of four query rows, so every key and
-  value loaded serves four rows): for each head, logits, masked softmax and the weighted sum of values, while the head-averaged row that FCA's scores need
-  is accumulated on the fly. [B, h, n, n] exists only when the caller asks for probabilities;
+- attention lays each (sequence, head)'s keys and values out in panels of 32, then is one parallel loop over
+  (sequence, block of six query rows): for each head, logits q K^T and the weighted sum of values p V in the same
+  register tiles as the weight products, and the masked softmax between them, while the head-averaged row that
+  FCA's scores need is accumulated on the fly. [B, h, n, n] exists only when the caller asks for probabilities;
 - FCA's selection and aggregation (`reduce_batch`, for the rules `fca.batchable` accepts) is one
   parallel loop over sequences: rank by a stable sort, copy the fine units, cut the rest into
   chunks, weigh and sum them in float64, add up the sizes. The scores themselves come from the
@@ -234,16 +235,34 @@ def _softmax_row(s, bias_b, scale):                                  # [n] logit
         s[j] = s[j] / tot
 
 
-BLOCK_ROWS = 4   # query rows per block of _attend (each key and value loaded serves this many)
+BLOCK_ROWS = 6   # query rows per block of _attend: one register tile of `_panel_tile` (TILE_ROWS, below)
 
 
 @nb.njit(inline="always", **_jit)
-def _head_blocks(Kt, Vh, base, m, h, d, H):
-    """Head h's transposed keys [d, m] and values [m, d] of the sequence at rows base..base+m, as _attend lays
-    them out: contiguous blocks at base H + h d m of its flat [T H] buffers (a 2-D slice of a wider array would
-    be non-contiguous to Numba, and its loops would not vectorise)."""
-    off = base * H + h * d * m
-    return Kt[off:off + d * m].reshape((d, m)), Vh[off:off + d * m].reshape((m, d))
+def _key_offsets(start, n_head, d):
+    """[B + 1] where each sequence's key panels begin in _attend's flat key buffer: n_head heads of
+    ceil(m / 32) panels of [d, 32] floats each (a sequence's m keys, zero-padded to whole panels)."""
+    B = start.shape[0] - 1
+    off = np.zeros(B + 1, np.int64)
+    for b_ in range(B):
+        off[b_ + 1] = off[b_] + n_head * ((start[b_ + 1] - start[b_] + PANEL - 1) // PANEL) * d * PANEL
+    return off
+
+
+@nb.njit(inline="always", **_jit)
+def _key_panel(Kp, koff, b_, h, p, m, d):
+    """Panel p of head h's keys of sequence b_, [d, 32]: Kp[..][c, jj] = key 32 p + jj's element c (0 past m)."""
+    o = koff[b_] + ((h * ((m + PANEL - 1) // PANEL)) + p) * d * PANEL
+    return Kp[o:o + d * PANEL].reshape((d, PANEL))
+
+
+@nb.njit(inline="always", **_jit)
+def _value_panel(Vp, base, h, g, m, n_head, n_vp):
+    """Panel g of head h's values of the sequence at rows base..base+m, [m, 32] (as `_panel_tile` reads a weight
+    panel): row j holds value j's elements 32 g.. of the head (0 past d). A sequence's panels start at
+    base n_head n_vp 32 floats of _attend's flat value buffer, head after head."""
+    o = (base * n_head + h * m) * n_vp * PANEL + g * m * PANEL
+    return Vp[o:o + m * PANEL].reshape((m, PANEL))
 
 
 @nb.njit(parallel=True, fastmath={"contract"}, **_jit)
@@ -252,89 +271,70 @@ def _attend(Q, K, V, bias, start, blk_seq, blk_row, n_head, want_probs, want_sta
 
     Sequence b is rows start[b]:start[b + 1] of Q, K and V (a padded [B, n, H] batch: start[b] = b n; a
     `Packed` one: its valid units only); bias [T] is added to the logits of each key (NEG for padding,
-    log(size) for proportional attention). Query rows go four at a time: block t is rows blk_row[t].. of
+    log(size) for proportional attention). Query rows go six at a time: block t is rows blk_row[t].. of
     sequence blk_seq[t]. Writes ctx [T, H]; probs [B, h, n, n] if want_probs; abar [B, n, n] (head mean) if
     want_stats (entries outside each sequence's m x m block left as the caller made them).
-    Each key and value element loaded serves four rows; every inner loop runs over a contiguous axis without a
-    reduction in it, so it vectorises: logits as q_c * K^T[c, :] row updates, exp through _exp, p V as 4 key
-    rows at a time. Each row's arithmetic is the same, in the same order, whichever block it falls in
-    (bit-identical to one row at a time).
+
+    Both products are the weight products' register tile (`_panel_tile`, below), with each (sequence, head)'s
+    keys and values laid out first as panels of 32 (keys: [d, 32] per 32 keys; values: [m, 32] per 32 of the
+    head's d elements; zero-padded): the logits of a block are q K_h^T, its six rows by 32 keys per tile, in
+    c order; after the masked softmax of each row, its context is p V_h, six rows by 32 elements per tile, in
+    key order. Rows past a sequence's end are zero in the block's copy of the queries and are not written.
+    Each row's arithmetic is the same, in the same order, whichever block it falls in.
     """
     T, H = Q.shape
     B = start.shape[0] - 1
     d = H // n_head
     R = BLOCK_ROWS                                                   # query rows per block
+    n_vp = (d + PANEL - 1) // PANEL                                  # value panels per head
     scale = np.float32(math.sqrt(d))
-    Kt = np.empty(T * H, np.float32)                                 # per sequence and head: keys transposed,
-    Vh = np.empty(T * H, np.float32)                                 # [d, m], and values, [m, d], contiguous
-    for bh in nb.prange(B * n_head):                                 # (sequence b's head h at start[b] H + h d m)
+    koff = _key_offsets(start, n_head, d)
+    Kp = np.empty(koff[B], np.float32)                               # per sequence, head: key panels [d, 32]
+    Vp = np.empty(T * n_head * n_vp * PANEL, np.float32)             # per sequence, head: value panels [m, 32]
+    for bh in nb.prange(B * n_head):
         b_, h = bh // n_head, bh % n_head
         base, m = start[b_], start[b_ + 1] - start[b_]
-        kt, vh = _head_blocks(Kt, Vh, base, m, h, d, H)
-        for c in range(d):
+        for p in range((m + PANEL - 1) // PANEL):
+            kp = _key_panel(Kp, koff, b_, h, p, m, d)
+            for jj in range(PANEL):                                  # key by key: K's rows read in order
+                j = p * PANEL + jj
+                for c in range(d):
+                    kp[c, jj] = K[base + j, h * d + c] if j < m else np.float32(0.0)
+        for g in range(n_vp):
+            vp = _value_panel(Vp, base, h, g, m, n_head, n_vp)
             for j in range(m):
-                kt[c, j] = K[base + j, h * d + c]
-        for j in range(m):
-            for c in range(d):
-                vh[j, c] = V[base + j, h * d + c]
+                for cc in range(PANEL):
+                    c = g * PANEL + cc
+                    vp[j, cc] = V[base + j, h * d + c] if c < d else np.float32(0.0)
+    zero = np.zeros(PANEL, np.float32)                               # the tiles' "bias": sums start at 0
     for t in nb.prange(blk_seq.shape[0]):
         b_, i0 = blk_seq[t], blk_row[t]
         base, m = start[b_], start[b_ + 1] - start[b_]               # the sequence's first row, its units
         q0r = base + i0                                              # the block's first row in Q and ctx
         rows = min(R, m - i0)
+        n_kp = (m + PANEL - 1) // PANEL                              # key panels
         bias_b = bias[base:base + m]
-        s = np.empty((R, m), np.float32)                             # one head's logits, then probabilities
+        qs = np.zeros((R, d), np.float32)                            # one head's queries of the block
+        s = np.zeros((R, n_kp * PANEL), np.float32)                  # their logits, then probabilities
         acc = np.zeros((R, m), np.float32)                           # head sum of the probabilities
-        out = np.empty((R, d), np.float32)
+        os = np.empty((R, PANEL), np.float32)                        # one tile of context
         for h in range(n_head):
-            kt, vh = _head_blocks(Kt, Vh, base, m, h, d, H)         # [d, m], [m, d]
-            s[:] = 0.0
-            if rows == R:                                            # s = q K_h^T, four rows per pass
-                s0, s1, s2, s3 = s[0], s[1], s[2], s[3]
-                for c in range(d):
-                    q0, q1 = Q[q0r, h * d + c], Q[q0r + 1, h * d + c]
-                    q2, q3 = Q[q0r + 2, h * d + c], Q[q0r + 3, h * d + c]
-                    kc = kt[c]
-                    for j in range(m):
-                        k = kc[j]
-                        s0[j] += q0 * k
-                        s1[j] += q1 * k
-                        s2[j] += q2 * k
-                        s3[j] += q3 * k
-            else:
-                for r in range(rows):
-                    sr = s[r]
-                    for c in range(d):
-                        qc = Q[q0r + r, h * d + c]
-                        kc = kt[c]
-                        for j in range(m):
-                            sr[j] += qc * kc[j]
             for r in range(rows):
-                _softmax_row(s[r], bias_b, scale)
+                qs[r] = Q[q0r + r, h * d:(h + 1) * d]
+            for p in range(n_kp):                                    # s = q K_h^T, 32 keys per tile
+                _panel_tile(qs, 0, _key_panel(Kp, koff, b_, h, p, m, d), zero, 0, s, 0, p * PANEL)
+            for r in range(rows):
+                _softmax_row(s[r, :m], bias_b, scale)
                 if want_probs:
-                    probs[b_, h, i0 + r, :m] = s[r]
+                    probs[b_, h, i0 + r, :m] = s[r, :m]
                 if want_stats:
                     for j in range(m):
                         acc[r, j] += s[r, j]
-            out[:] = 0.0                                             # out = p V_h
-            j = 0
-            while j + 4 <= m:
-                v0, v1, v2, v3 = vh[j], vh[j + 1], vh[j + 2], vh[j + 3]
+            for g in range(n_vp):                                    # ctx = p V_h, 32 elements per tile
+                _panel_tile(s[:, :m], 0, _value_panel(Vp, base, h, g, m, n_head, n_vp), zero, 0, os, 0, 0)
+                width = min(PANEL, d - g * PANEL)
                 for r in range(rows):
-                    p0, p1, p2, p3 = s[r, j], s[r, j + 1], s[r, j + 2], s[r, j + 3]
-                    o = out[r]
-                    for c in range(d):
-                        o[c] += p0 * v0[c] + p1 * v1[c] + p2 * v2[c] + p3 * v3[c]
-                j += 4
-            while j < m:
-                for r in range(rows):
-                    p = s[r, j]
-                    o = out[r]
-                    for c in range(d):
-                        o[c] += p * vh[j, c]
-                j += 1
-            for r in range(rows):
-                ctx[q0r + r, h * d:(h + 1) * d] = out[r]
+                    ctx[q0r + r, h * d + g * PANEL:h * d + g * PANEL + width] = os[r, :width]
         if want_stats:
             for r in range(rows):
                 for j in range(m):
