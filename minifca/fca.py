@@ -309,10 +309,16 @@ class FCAConfig:
         return layer >= self.start_layer and (self.counts or self._value(layer) < 1.0)
 
     def k(self, layer: int, n_tokens: int, n_in: int) -> int:
-        """Fine units (with [CLS]) kept at `layer` for a sequence of n_tokens valid tokens."""
+        """Fine units (with [CLS]) kept at `layer` for a sequence of n_tokens valid tokens and n_in units."""
+        return int(self.ks(layer, [n_tokens], [n_in])[0])
+
+    def ks(self, layer: int, n_tokens, n_in) -> np.ndarray:
+        """`k` of every sequence of a batch: n_tokens, n_in [B] -> [B] int64 (ceil(keep x tokens), or the count;
+        at least 1, at most the units there are)."""
         v = self._value(layer)
-        k = int(v) if self.counts else math.ceil(v * n_tokens - 1e-9)
-        return max(1, min(k, n_in))
+        n_tokens = np.asarray(n_tokens, np.float64)
+        k = np.full(n_tokens.shape, int(v), np.int64) if self.counts else np.ceil(v * n_tokens - 1e-9).astype(np.int64)
+        return np.maximum(1, np.minimum(k, np.asarray(n_in, np.int64)))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -577,7 +583,7 @@ class BatchPlan:
 def batch_plan(cfg, layer, n_tokens, valid) -> BatchPlan:
     """The counts of a batched reduction, from the mask alone: no score is needed to know them."""
     nv = valid.sum(1).astype(np.int64)                               # [B] units entering
-    k = np.array([cfg.k(layer, int(t), int(v)) for t, v in zip(n_tokens, nv)], np.int64)  # [B]
+    k = cfg.ks(layer, n_tokens, nv)                                  # [B]
     m = nv - k                                                       # [B] |U|
     dropping = aggregate_facts(cfg.aggregate).coarse_units == "none"
     c = np.minimum(coarse_units(cfg.aggregate, cfg.clusters), m)   # [B]
