@@ -4,8 +4,9 @@ One run measures, side by side:
   - the machine's sgemm GFLOP/s (NumPy, 2048^3): the ceiling for any of these engines;
   - minifca (numba, numpy backends), torch (transformers BertModel, fp32, inference_mode) and
     ONNX Runtime (the same weights exported with torch.onnx, all graph optimisations), each in
-    its own fresh process (so thread pools never compete), with the same thread count, on
-    random-weight bert-base and MiniLM-L6 shapes; medians of `runs` timings after warm-up;
+    its own process, with the same thread count, on random-weight bert-base and MiniLM-L6 shapes: all loaded
+    at once, then taking turns forward by forward (one runs at a time, so thread pools never compete, and a
+    slow spell of the machine falls on every engine alike); medians of `runs` rounds after warm-up;
   - FCA at the uniform keep that halves the FLOPs and at the one that thirds them: FLOPs ratio
     and wall-clock speedup against our own full forward;
   - peak RSS after loading + one forward (fresh process), against the checkpoint's size;
@@ -235,21 +236,115 @@ def fca_keep_for(model, L, target):
     return lo / L, ratio(lo)
 
 
-def worker(spec):
-    """Time one engine on one checkpoint at every shape (and FCA, for our backends)."""
+def serve(spec):
+    """One engine in its own process, timed one forward at a time when asked (`Engine`, `interleaved`).
+
+    Loads the engine, makes every case (each shape; for our backends also FCA at each FLOPs target), runs each
+    twice (warm-up), prints one JSON line {"cases": [...], "fca": {case: {keep, flops_ratio}}}, then for each case
+    name read from stdin times one forward of it and prints {"ms": ...}, after a pause in which its thread pool
+    stops spinning (so the next engine's forward has the cores to itself); an empty line or EOF ends it."""
     make, model = _runner(spec["engine"], spec["folder"], spec["threads"])
-    res = {"shapes": {}}
+    cases, fca = {}, {}
     for B, L in spec["shapes"]:
-        ms = median_ms(make(B, L), spec["runs"])
-        row = {"ms": ms}
-        if model is not None and spec.get("fca"):
-            for name, target in spec["fca"].items():
-                keep, fl = fca_keep_for(model, L, target)
-                row[f"fca_{name}"] = {"keep": keep, "flops_ratio": fl,
-                                      "ms": median_ms(make(B, L, FCAConfig(keep=keep)), spec["runs"])}
-        res["shapes"][f"{B}x{L}"] = row
-        log(f"  {spec['engine']:12s} {Path(spec['folder']).name} {B}x{L}: {ms:.1f} ms")
-    return res
+        cases[f"{B}x{L}"] = make(B, L)
+        for name, target in (spec.get("fca") or {}).items() if model is not None else ():
+            keep, ratio = fca_keep_for(model, L, target)
+            cases[f"{B}x{L} fca_{name}"] = make(B, L, FCAConfig(keep=keep))
+            fca[f"{B}x{L} fca_{name}"] = {"keep": keep, "flops_ratio": ratio}
+    for fn in cases.values():
+        times_ms(fn, 0)                                              # warm-up: 2 forwards
+    print(json.dumps({"cases": list(cases), "fca": fca}), flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        ms = times_ms(cases[line.strip()], 1, warmup=0)[0]
+        time.sleep(SETTLE_S)
+        print(json.dumps({"ms": ms}), flush=True)
+
+
+SETTLE_S = 0.02   # after each timed forward: ORT's and OpenMP's idle threads spin a few ms before they sleep
+
+
+class Engine:
+    """A `serve` process: `time(case)` is one forward's ms, measured there."""
+
+    def __init__(self, spec, threads):
+        self.name = spec["engine"]
+        self.proc = subprocess.Popen([sys.executable, "-m", "minifca.bench", "serve", json.dumps(spec)],
+                                     env=worker_env(threads), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def reply(self):
+        for line in self.proc.stdout:                                # skipping any line a library printed
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(msg, dict):
+                return msg
+        raise RuntimeError(f"{self.name} worker exited with {self.proc.wait()}")
+
+    def time(self, case):
+        self.proc.stdin.write(case + "\n")
+        self.proc.stdin.flush()
+        return self.reply()["ms"]
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("\n")
+                self.proc.stdin.flush()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def interleaved(specs, threads, runs):
+    """Every engine of `specs` (engine -> `serve` spec) in its own process, all loaded at once, then timed taking
+    turns: in each of `runs` rounds, case by case, one forward of each engine in turn (the order rotating), only
+    one running at a time. So thread pools never compete, and a slow spell of the machine (this VM's neighbours)
+    falls on every engine alike instead of on whichever ran then. Returns engine -> {"shapes": {shape: {"ms",
+    "fca_<name>": {keep, flops_ratio, ms}}}} (medians), or {"error": ...} for an engine that failed."""
+    engines, ready, out = {}, {}, {}
+    for e, spec in specs.items():
+        engines[e] = Engine(spec, threads)
+    for e, eng in list(engines.items()):
+        try:
+            ready[e] = eng.reply()
+        except RuntimeError as err:
+            out[e] = {"error": str(err)}
+            engines.pop(e).close()
+    cases = list(dict.fromkeys(c for r in ready.values() for c in r["cases"]))
+    times = {(e, c): [] for e in engines for c in ready[e]["cases"]}
+    try:
+        for r in range(runs):
+            log(f"  round {r + 1}/{runs}: " + ", ".join(engines))
+            for case in cases:
+                turn = [e for e in engines if case in ready[e]["cases"]]
+                for e in turn[r % len(turn):] + turn[:r % len(turn)]:
+                    times[e, case].append(engines[e].time(case))
+    except RuntimeError as err:                                      # an engine died mid-run: report, not raise
+        for e in engines:
+            out.setdefault(e, {"error": str(err)})
+    finally:
+        for eng in engines.values():
+            eng.close()
+    for e in engines:
+        if e in out:
+            continue
+        shapes = {}
+        for case in ready[e]["cases"]:
+            shape, _, fca = case.partition(" ")
+            ms = float(np.median(times[e, case]))
+            if fca:
+                shapes[shape][fca] = ready[e]["fca"][case] | {"ms": ms}
+            else:
+                shapes[shape] = {"ms": ms}
+                log(f"  {e:12s} {Path(specs[e]['folder']).name} {shape}: {ms:.1f} ms")
+        out[e] = {"shapes": shapes}
+    return out
 
 
 PROFILED = {"embeddings": "embeddings", "_linear": "linear (Q, K, V, O, FFN in and out)", "ffn": "ffn",
@@ -311,11 +406,14 @@ def rss_worker(spec):
     return {"rss_after_imports": base, "peak_rss": peak_rss_bytes()}
 
 
+def worker_env(threads):
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+                NUMBA_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+
+
 def subprocess_json(func, spec, threads):
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
-               NUMBA_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "minifca.bench", func, json.dumps(spec)]
-    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=False)
+    p = subprocess.run(cmd, env=worker_env(threads), stdout=subprocess.PIPE, text=True, check=False)
     if p.returncode != 0:
         return {"error": f"{spec.get('engine')} worker exited with {p.returncode}"}
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -358,12 +456,13 @@ def run_bench(backends=("numba", "numpy"), quick=False, runs=None, threads=None,
     peak = sgemm_gflops(512 if quick else 2048, runs)
     res = {"machine": {"cpu_count": os.cpu_count(), "threads": threads, "sgemm_gflops": peak,
                        "numpy": np.__version__, "blas": blas},
-           "runs": runs, "engines": engines, "models": {}}
+           "runs": runs, "interleaved": True, "engines": engines, "models": {}}
     for name, shape in models.items():
         folder = ensure_checkpoint(Path(root), name, shape)
         cfg = BertConfig.from_json(folder / "config.json")
         size = (folder / "model.safetensors").stat().st_size
         entry = {"checkpoint_bytes": size, "shapes": {}, "engines": {}}
+        specs = {}
         for e in engines:
             if e == "onnxruntime":
                 try:
@@ -371,10 +470,11 @@ def run_bench(backends=("numba", "numpy"), quick=False, runs=None, threads=None,
                 except Exception as err:  # noqa: BLE001 - an exporter failure is reported, not fatal
                     entry["engines"][e] = {"error": f"onnx export failed: {type(err).__name__}: {err}"}
                     continue
-            log(f"{name}: {e}")
-            spec = {"engine": e, "folder": str(folder), "shapes": shapes, "runs": runs, "threads": threads,
-                    "fca": FCA_TARGETS if e in ("numba", "numpy") else None}
-            entry["engines"][e] = subprocess_json("worker", spec, threads)
+            specs[e] = {"engine": e, "folder": str(folder), "shapes": shapes, "threads": threads,
+                        "fca": FCA_TARGETS if e in ("numba", "numpy") else None}
+        log(f"{name}: {', '.join(specs)}, taking turns")
+        entry["engines"].update(interleaved(specs, threads, runs))
+        entry["engines"] = {e: entry["engines"][e] for e in engines if e in entry["engines"]}  # the engines' order
         for B, L in shapes:
             flops = int(model_flops(cfg, np.full(B, L), None, head_flops(cfg, True, False)).sum())
             key, row = f"{B}x{L}", {"flops": flops}
@@ -416,7 +516,7 @@ def run_bench(backends=("numba", "numpy"), quick=False, runs=None, threads=None,
 def print_report(res):
     m = res["machine"]
     print(f"machine: {m['cpu_count']} cores, {m['threads']} threads, sgemm {m['sgemm_gflops']:.1f} GFLOP/s; "
-          f"medians of {res['runs']} runs")
+          f"medians of {res['runs']} {'interleaved rounds' if res.get('interleaved') else 'runs'}")
     if "blas" in m:
         print(blas_line(m["blas"]))
         if override_warning(m["blas"]):
@@ -454,5 +554,7 @@ def print_report(res):
 
 if __name__ == "__main__":
     kind, spec = sys.argv[1], json.loads(sys.argv[2])
-    out = {"worker": worker, "rss": rss_worker, "profile": profile_worker}[kind](spec)
-    print(json.dumps(out))
+    if kind == "serve":
+        serve(spec)
+    else:
+        print(json.dumps({"rss": rss_worker, "profile": profile_worker}[kind](spec)))
