@@ -5,8 +5,9 @@ One run measures, side by side:
   - minifca (numba, numpy backends), torch (transformers BertModel, fp32, inference_mode) and
     ONNX Runtime (the same weights exported with torch.onnx, all graph optimisations), each in
     its own process, with the same thread count, on random-weight bert-base and MiniLM-L6 shapes: all loaded
-    at once, then taking turns forward by forward (one runs at a time, so thread pools never compete, and a
-    slow spell of the machine falls on every engine alike); medians of `runs` rounds after warm-up;
+    at once, then taking turns (one runs at a time, so thread pools never compete, and a slow spell of the
+    machine falls on every engine alike), each turn a forward after an untimed one (so it is warm, as in a loop
+    of calls); medians of `runs` rounds after warm-up;
   - FCA at the uniform keep that halves the FLOPs and at the one that thirds them: FLOPs ratio
     and wall-clock speedup against our own full forward;
   - peak RSS after loading + one forward (fresh process), against the checkpoint's size;
@@ -241,8 +242,10 @@ def serve(spec):
 
     Loads the engine, makes every case (each shape; for our backends also FCA at each FLOPs target), runs each
     twice (warm-up), prints one JSON line {"cases": [...], "fca": {case: {keep, flops_ratio}}}, then for each case
-    name read from stdin times one forward of it and prints {"ms": ...}, after a pause in which its thread pool
-    stops spinning (so the next engine's forward has the cores to itself); an empty line or EOF ends it."""
+    name read from stdin runs it once untimed and times the next forward (so each figure is a warm forward, as in a
+    loop of calls: its caches and thread pool as the same forward left them, not as another engine's did) and
+    prints {"ms": ...}, after a pause in which its thread pool stops spinning (so the next engine's forward has
+    the cores to itself); an empty line or EOF ends it."""
     make, model = _runner(spec["engine"], spec["folder"], spec["threads"])
     cases, fca = {}, {}
     for B, L in spec["shapes"]:
@@ -257,7 +260,7 @@ def serve(spec):
     for line in sys.stdin:
         if not line.strip():
             break
-        ms = times_ms(cases[line.strip()], 1, warmup=0)[0]
+        ms = times_ms(cases[line.strip()], 1, warmup=1)[0]
         time.sleep(SETTLE_S)
         print(json.dumps({"ms": ms}), flush=True)
 
@@ -303,8 +306,8 @@ class Engine:
 
 def interleaved(specs, threads, runs):
     """Every engine of `specs` (engine -> `serve` spec) in its own process, all loaded at once, then timed taking
-    turns: in each of `runs` rounds, case by case, one forward of each engine in turn (the order rotating), only
-    one running at a time. So thread pools never compete, and a slow spell of the machine (this VM's neighbours)
+    turns: in each of `runs` rounds, case by case, one warm forward of each engine in turn (`serve`; the order
+    rotating), only one running at a time. So thread pools never compete, and a slow spell of the machine (this VM's neighbours)
     falls on every engine alike instead of on whichever ran then. Returns engine -> {"shapes": {shape: {"ms",
     "fca_<name>": {keep, flops_ratio, ms}}}} (medians), or {"error": ...} for an engine that failed."""
     engines, ready, out = {}, {}, {}

@@ -30,7 +30,7 @@ def register(subparsers, parents):
     p.add_argument("--backend", dest="backends", nargs="+", default=["numba", "numpy"], choices=["numba", "numpy", "cuda"],
                    help="our backends to time (default: numba numpy); cuda = numba.cuda vs torch CUDA on a GPU")
     p.add_argument("--quick", action="store_true", help="a tiny random model at tiny shapes (a smoke test)")
-    p.add_argument("--runs", type=int_at_least(1), default=None, help="timed runs per case after warm-up (default 5; 2 with --quick)")
+    p.add_argument("--runs", type=int_at_least(1), default=None, help="rounds of turns (one timed forward per engine and case each) after warm-up (default 5; 2 with --quick)")
     p.add_argument("--threads", type=int_at_least(1), default=None, help="threads for every engine (default: all cores)")
     p.add_argument("--weights", default="weights/bench", help="where the random checkpoints go (default weights/bench)")
     p.add_argument("--model", default=None, help="checkpoint for the time-to-first-output test (default all-MiniLM-L6-v2)")
