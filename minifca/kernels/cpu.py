@@ -500,16 +500,25 @@ def panels(w):
     return wp
 
 
-@intrinsic
-def _panel_tile(typingctx, x, r0, wp, b, n0, out, o0, c0):
-    """out[o0 + i, c0 : c0 + 32] = b[n0 : n0 + 32] + sum over k of x[r0 + i, k] * wp[k, :], for i < TILE_ROWS.
+def _tile_of(n_rows):
+    """The register tile of n_rows rows (an intrinsic): `_panel_tile` is the one of TILE_ROWS rows."""
+
+    @intrinsic
+    def tile(typingctx, x, r0, wp, b, n0, out, o0, c0):
+        return types.void(x, r0, wp, b, n0, out, o0, c0), _tile_codegen(n_rows)
+    return tile
+
+
+def _tile_codegen(n_rows):
+    """out[o0 + i, c0 : c0 + 32] = b[n0 : n0 + 32] + sum over k of x[r0 + i, k] * wp[k, :], for i < n_rows.
 
     One register tile, written as LLVM vector code (Numba cannot keep 12 vectors in registers across a loop
-    otherwise): 12 accumulators of 16 floats start at the bias; each step k loads the panel's 32 weights (two
-    vectors) and each of the 6 rows' x[r, k] (broadcast), and does 12 fused multiply-adds. Every output is
-    then the bias plus its products added in k order, one FMA each: the same sum wherever the tile sits.
-    x, out: 2-D C-ordered float32; wp: one panel [K, 32]; b: the bias, readable to n0 + 32."""
-    sig = types.void(x, r0, wp, b, n0, out, o0, c0)
+    otherwise): with 6 rows, 12 accumulators of 16 floats start at the bias; each step k loads the panel's 32
+    weights (two vectors) and each row's x[r, k] (broadcast), and does 12 fused multiply-adds. Every output is
+    then the bias plus its products added in k order, one FMA each: the same sum wherever the tile sits, and
+    whatever its number of rows (the 1-5 row tiles take a block's last rows, with no padding to compute).
+    x, out: 2-D C-ordered float32 (x's rows may be strided); wp: one panel [K, 32]; b: the bias, readable to
+    n0 + 32."""
 
     def codegen(context, builder, signature, args):
         xa, wa, ba, oa = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3, 5))
@@ -531,39 +540,59 @@ def _panel_tile(typingctx, x, r0, wp, b, n0, out, o0, c0):
 
         def const(v):
             return llvm_ir.Constant(i64, v)
-        rows = [builder.mul(builder.add(r0v, const(i)), x_row) for i in range(TILE_ROWS)]  # byte offsets in x
+        rows = [builder.mul(builder.add(r0v, const(i)), x_row) for i in range(n_rows)]  # byte offsets in x
         bias = [load(at(ba.data, builder.mul(builder.add(n0v, const(LANES * g)), const(4)), vec))
                 for g in range(PANEL_VECS)]
-        acc = [[cgutils.alloca_once_value(builder, bias[g]) for g in range(PANEL_VECS)] for _ in range(TILE_ROWS)]
+        acc = [[cgutils.alloca_once_value(builder, bias[g]) for g in range(PANEL_VECS)] for _ in range(n_rows)]
         undef = llvm_ir.Constant(vec, llvm_ir.Undefined)
         splat_mask = llvm_ir.Constant(llvm_ir.VectorType(i32, LANES), [0] * LANES)
         with cgutils.for_range(builder, K) as loop:                  # allocas: LLVM keeps them in registers
             k = loop.index
             wk = builder.mul(k, w_row)
             w = [load(at(wa.data, builder.add(wk, const(4 * LANES * g)), vec)) for g in range(PANEL_VECS)]
-            for i in range(TILE_ROWS):
+            for i in range(n_rows):
                 xik = builder.load(at(xa.data, builder.add(rows[i], builder.mul(k, const(4))), f32))
                 xv = builder.shuffle_vector(builder.insert_element(undef, xik, llvm_ir.Constant(i32, 0)), undef,
                                             splat_mask)
                 for g in range(PANEL_VECS):
                     builder.store(builder.call(fma, [xv, w[g], builder.load(acc[i][g])]), acc[i][g])
-        for i in range(TILE_ROWS):
+        for i in range(n_rows):
             row = builder.add(builder.mul(builder.add(o0v, const(i)), o_row), builder.mul(c0v, const(4)))
             for g in range(PANEL_VECS):
                 st = builder.store(builder.load(acc[i][g]), at(oa.data, builder.add(row, const(4 * LANES * g)), vec))
                 st.align = 4
         return context.get_dummy_value()
-    return sig, codegen
+    return codegen
+
+
+_panel_tile = _tile_of(TILE_ROWS)
+_tile1, _tile2, _tile3, _tile4, _tile5 = (_tile_of(n) for n in range(1, TILE_ROWS))
+
+
+@nb.njit(inline="always", **_jit)
+def _tail_tile(n, x, r0, wp, b, n0, out, o0, c0):
+    """The tile of a block's last n < TILE_ROWS rows."""
+    if n == 1:
+        _tile1(x, r0, wp, b, n0, out, o0, c0)
+    elif n == 2:
+        _tile2(x, r0, wp, b, n0, out, o0, c0)
+    elif n == 3:
+        _tile3(x, r0, wp, b, n0, out, o0, c0)
+    elif n == 4:
+        _tile4(x, r0, wp, b, n0, out, o0, c0)
+    else:
+        _tile5(x, r0, wp, b, n0, out, o0, c0)
 
 
 @nb.njit(parallel=True, **_jit)
 def _linear_rows(x, wp, b, out):                                     # [R, in] @ [out, in]^T + [out] -> [R, out]
     """x @ w^T + b with w laid out by `panels` (wp [P, in, 32]); b padded to 32 P; out [R, N], N <= 32 P.
 
-    One parallel loop over tasks (a block of x's rows by TASK_PANELS panels), each a run of `_panel_tile`s.
-    Rows past the last full tile, and a last panel wider than out, go through the same tile on zero-padded
-    scratch, so every output element is the same sum in the same order whatever the number of rows, the row's
-    place among them or the thread count: a sentence's vectors do not depend on what it was batched with."""
+    One parallel loop over tasks (a block of x's rows by TASK_PANELS panels), each a run of `_panel_tile`s;
+    rows past the block's last full tile take a tile of as many rows (`_tail_tile`), and a last panel wider than
+    out goes through scratch. So every output element is the same sum in the same order whatever the number of
+    rows, the row's place among them or the thread count: a sentence's vectors do not depend on what it was
+    batched with."""
     R, K = x.shape
     P, N = wp.shape[0], out.shape[1]
     most = max(TILE_ROWS, min(240, X_BLOCK // max(K, 1)))           # x's rows per task, at most
@@ -575,9 +604,6 @@ def _linear_rows(x, wp, b, out):                                     # [R, in] @
         r_lo, p_lo = (t // n_pb) * rows, (t % n_pb) * TASK_PANELS
         r_hi, p_hi = min(r_lo + rows, R), min(p_lo + TASK_PANELS, P)
         r_full = r_lo + (r_hi - r_lo) // TILE_ROWS * TILE_ROWS       # rows in full tiles end here
-        xs = np.zeros((TILE_ROWS, K), np.float32)                    # the last rows, zero-padded to a tile
-        for i in range(r_hi - r_full):
-            xs[i] = x[r_full + i]
         os = np.empty((TILE_ROWS, PANEL), np.float32)                # a scratch tile's sums
         for p in range(p_lo, p_hi):
             n0, width = p * PANEL, min(PANEL, N - p * PANEL)
@@ -588,8 +614,10 @@ def _linear_rows(x, wp, b, out):                                     # [R, in] @
                 for r in range(r_lo, r_full, TILE_ROWS):
                     _panel_tile(x, r, wp[p], b, n0, os, 0, 0)
                     out[r:r + TILE_ROWS, n0:] = os[:, :width]
-            if r_full < r_hi:
-                _panel_tile(xs, 0, wp[p], b, n0, os, 0, 0)
+            if r_full < r_hi and width == PANEL:
+                _tail_tile(r_hi - r_full, x, r_full, wp[p], b, n0, out, r_full, n0)
+            elif r_full < r_hi:
+                _tail_tile(r_hi - r_full, x, r_full, wp[p], b, n0, os, 0, 0)
                 out[r_full:r_hi, n0:n0 + width] = os[:r_hi - r_full, :width]
 
 
