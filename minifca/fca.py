@@ -479,6 +479,7 @@ class FCAState:
     members: list | None = None               # per sequence: [n, L] weight of each input position in each unit
     inside: list | None = None                # per sequence: [n, L] 1 where the input position belongs to the unit
     n_fine: list | None = None                # per sequence: how many leading units are fine units
+    idle: tuple | None = None                 # (cfg, keep value, batch shape) last passed by `leaves_alone`
 
     @classmethod
     def start(cls, mask, seeds, trace):
@@ -505,7 +506,14 @@ class FCAState:
         shrinks no sequence: e.g. every layer after a uniform keep's one cut, where each sequence has only its
         one coarse unit left to merge. Such a layer then needs neither the attention's statistics nor a reduce."""
         valid = np.asarray(mask) > 0
-        return bool(valid.all()) and self.batched(cfg) and not batch_plan(cfg, layer, self.n_tokens, valid).active.any()
+        if not valid.all() or not self.batched(cfg):
+            return False
+        key = (cfg, cfg._value(layer), valid.shape)                  # all batch_plan reads of the layer and of
+        if key != self.idle:                                         # an all-valid mask (so a uniform keep's
+            if batch_plan(cfg, layer, self.n_tokens, valid).active.any():  # layers after the cut are decided
+                return False                                         # once: this runs between kernels, where
+            self.idle = key                                          # Python's own work is slow)
+        return True
 
     def batched(self, cfg) -> bool:
         """Is this layer decided for the whole batch at once (rules with batched facts, no trace)?"""

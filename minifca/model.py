@@ -188,8 +188,9 @@ class Model:
         padded_len = np.maximum(n_tokens, ids.shape[1] if pad_to is None else int(pad_to))
         out.flops_per_sequence = per_seq
         out.flops = int(per_seq.sum())
-        out.flops_full = int(model_flops(cfg, n_tokens, None, head).sum())
-        out.flops_full_padded = int(model_flops(cfg, padded_len, None, head).sum())
+        out.flops_full = int(model_flops(cfg, n_tokens, None, head).sum()) if r["units"] is not None else out.flops
+        out.flops_full_padded = (int(model_flops(cfg, padded_len, None, head).sum())
+                                 if (padded_len != n_tokens).any() else out.flops_full)
         return out
 
     def __call__(self, enc: Encoding, fca: FCAConfig | None = None, **kw) -> Output:

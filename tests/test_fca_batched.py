@@ -264,7 +264,8 @@ def test_leaves_alone_only_where_the_reduction_is_the_identity():
     mask = np.ones((2, 7), np.float32)
     state = F.FCAState.start(np.ones((2, 12), np.float32), None, False)  # 12 tokens, cut to 6 fine + 1 coarse
     cfg = F.FCAConfig(keep=0.5)
-    assert state.leaves_alone(1, cfg, mask)
+    assert state.leaves_alone(1, cfg, mask) and state.leaves_alone(2, cfg, mask)  # (the second from the first's)
+    assert not state.leaves_alone(2, F.FCAConfig(keep=0.5, aggregate="drop"), mask)  # drop: the coarse unit goes
     assert not state.leaves_alone(0, cfg, np.ones((2, 12), np.float32))  # the cut itself
     assert not state.leaves_alone(1, F.FCAConfig(keep=[0.5, 0.25, 0.1]), mask)  # a schedule that shrinks again
     padded = mask.copy()
