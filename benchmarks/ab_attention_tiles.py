@@ -4,51 +4,32 @@ c95a79f), interleaved in one process, on Q, K, V of the bench shapes (no mask, n
     python benchmarks/ab_attention_tiles.py [--rounds 25]
 
 "before" is `_attend` as it was at c95a79f^ (blocks of 4 query rows; logits as row updates q_c K^T[c, :], p V four
-keys at a time), read from the git history and compiled beside the current one; "after" is kernels.cpu._attend.
-Prints the median ms of each and before / after, and the largest difference between their outputs.
+keys at a time), its module read from the git history and imported beside the current one
+(`ab_linear_before.kernels_at`); "after" is kernels.cpu._attend. Prints the median ms of each and before / after,
+and the largest difference between their outputs.
 For figures, unset this machine's OpenBLAS overrides in the command alone:
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/ab_attention_tiles.py
 """
-import minifca  # noqa: I001  (first, as users import it)
+import minifca  # noqa: F401, I001  (first, as users import it)
 import argparse
-import subprocess
+import sys
+import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 
 from minifca.kernels import cpu
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ab_linear_before import kernels_at  # noqa: E402  (a sibling script)
+
 SHAPES = [(1, 128, 384), (8, 128, 384), (32, 64, 384), (1, 39, 384), (1, 128, 768), (8, 128, 768)]  # B, n, H
 N_HEAD = 12
 
 
-def before_kernel():
-    """`_attend` and its helpers from c95a79f^, compiled in a module of their own."""
-    root = Path(__file__).resolve().parents[1]
-    src = subprocess.run(["git", "show", "c95a79f^:minifca/kernels/cpu.py"], cwd=root, capture_output=True, text=True,
-                         check=True).stdout
-    a, b = src.index("BLOCK_ROWS = 4"), src.index("@nb.njit(**_jit)\ndef _blocks(start):")
-    mod = types.ModuleType("attend_before")
-    mod.__dict__.update({k: getattr(cpu, k) for k in ("nb", "np", "math", "_softmax_row")})
-    mod._jit = {**cpu._jit, "cache": False}                          # no file to cache it beside
-    exec(compile(src[a:b], "attend_before", "exec"), mod.__dict__)
-    return mod._attend, mod.BLOCK_ROWS
-
-
-def blocks(start, rows):
-    per = (np.diff(start) + rows - 1) // rows
-    seq = np.repeat(np.arange(len(per)), per).astype(np.int64)
-    first = np.cumsum(per) - per
-    return seq, ((np.arange(len(seq)) - first[seq]) * rows).astype(np.int64)
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=25)
-    a = ap.parse_args()
-    old, old_rows = before_kernel()
+def compare(old, rounds):
+    """old: kernels/cpu.py at the earlier commit, as a module (its own `_attend` and `_blocks`)."""
     rng = np.random.default_rng(0)
     print(f"{'B x n, H':>14s} {'before ms':>10s} {'after ms':>9s} {'ratio':>6s} {'max |diff|':>11s}")
     for B, n, H in SHAPES:
@@ -57,14 +38,13 @@ def main():
         bias, start = np.zeros(T, np.float32), np.arange(B + 1, dtype=np.int64) * n
         none4, none3 = np.zeros((1, 1, 1, 1), np.float32), np.zeros((1, 1, 1), np.float32)
         out = {k: np.empty((T, H), np.float32) for k in ("before", "after")}
-        runs = {"before": lambda: old(Q, K, V, bias, start, *blocks(start, old_rows), N_HEAD, False, False, none4,
-                                      none3, out["before"]),
-                "after": lambda: cpu._attend(Q, K, V, bias, start, *cpu._blocks(start), N_HEAD, False, False, none4,
-                                             none3, out["after"])}
+        runs = {k: (lambda mod=mod, k=k: mod._attend(Q, K, V, bias, start, *mod._blocks(start), N_HEAD, False, False,
+                                                     none4, none3, out[k]))
+                for k, mod in (("before", old), ("after", cpu))}
         times = {k: [] for k in runs}
         for f in runs.values():
             f()
-        for r in range(a.rounds):
+        for r in range(rounds):
             for k in (("before", "after") if r % 2 else ("after", "before")):
                 t = time.perf_counter()
                 runs[k]()
@@ -72,6 +52,14 @@ def main():
         tb, ta = (float(np.median(times[k])) * 1e3 for k in ("before", "after"))
         diff = float(np.abs(out["before"] - out["after"]).max())
         print(f"{f'{B} x {n}, {H}':>14s} {tb:10.3f} {ta:9.3f} {tb / ta:5.2f}x {diff:11.1e}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=25)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        compare(kernels_at("c95a79f^", tmp), a.rounds)
 
 
 if __name__ == "__main__":

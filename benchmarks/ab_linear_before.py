@@ -28,12 +28,14 @@ ROWS = (1, 3, 8, 39, 64, 128, 512)
 
 
 def kernels_at(commit, tmp):
+    """minifca/kernels/cpu.py at `commit`, imported as a module of minifca.kernels from a file in tmp."""
     root = Path(__file__).resolve().parents[1]
     src = subprocess.run(["git", "show", f"{commit}:minifca/kernels/cpu.py"], cwd=root, capture_output=True,
                          text=True, check=True).stdout
-    path = Path(tmp) / f"cpu_{commit}.py"
+    name = "cpu_" + "".join(c if c.isalnum() else "_" for c in commit)  # e.g. c95a79f^ -> cpu_c95a79f_
+    path = Path(tmp) / f"{name}.py"
     path.write_text(src)
-    spec = importlib.util.spec_from_file_location(f"minifca.kernels.cpu_{commit}", path)
+    spec = importlib.util.spec_from_file_location(f"minifca.kernels.{name}", path)
     mod = sys.modules[spec.name] = importlib.util.module_from_spec(spec)   # (its dataclasses look it up there)
     spec.loader.exec_module(mod)
     return mod

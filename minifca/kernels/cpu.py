@@ -279,7 +279,7 @@ def _attend(Q, K, V, bias, start, blk_seq, blk_row, n_head, want_probs, want_sta
     keys and values laid out first as panels of 32 (keys: [d, 32] per 32 keys; values: [m, 32] per 32 of the
     head's d elements; zero-padded): the logits of a block are q K_h^T, its six rows by 32 keys per tile, in
     c order; after the masked softmax of each row, its context is p V_h, six rows by 32 elements per tile, in
-    key order. Rows past a sequence's end are zero in the block's copy of the queries and are not written.
+    key order. A sequence's last block takes tiles of as many rows as it has left (`_tile`).
     Each row's arithmetic is the same, in the same order, whichever block it falls in.
     """
     T, H = Q.shape
@@ -314,15 +314,13 @@ def _attend(Q, K, V, bias, start, blk_seq, blk_row, n_head, want_probs, want_sta
         rows = min(R, m - i0)
         n_kp = (m + PANEL - 1) // PANEL                              # key panels
         bias_b = bias[base:base + m]
-        qs = np.zeros((R, d), np.float32)                            # one head's queries of the block
-        s = np.zeros((R, n_kp * PANEL), np.float32)                  # their logits, then probabilities
+        s = np.zeros((R, n_kp * PANEL), np.float32)                  # the block's logits, then probabilities
         acc = np.zeros((R, m), np.float32)                           # head sum of the probabilities
         os = np.empty((R, PANEL), np.float32)                        # one tile of context
         for h in range(n_head):
-            for r in range(rows):
-                qs[r] = Q[q0r + r, h * d:(h + 1) * d]
+            q = Q[:, h * d:(h + 1) * d]                              # head h's queries (strided rows)
             for p in range(n_kp):                                    # s = q K_h^T, 32 keys per tile
-                _panel_tile(qs, 0, _key_panel(Kp, koff, b_, h, p, m, d), zero, 0, s, 0, p * PANEL)
+                _tile(rows, q, q0r, _key_panel(Kp, koff, b_, h, p, m, d), zero, 0, s, 0, p * PANEL)
             for r in range(rows):
                 _softmax_row(s[r, :m], bias_b, scale)
                 if want_probs:
@@ -331,7 +329,7 @@ def _attend(Q, K, V, bias, start, blk_seq, blk_row, n_head, want_probs, want_sta
                     for j in range(m):
                         acc[r, j] += s[r, j]
             for g in range(n_vp):                                    # ctx = p V_h, 32 elements per tile
-                _panel_tile(s[:, :m], 0, _value_panel(Vp, base, h, g, m, n_head, n_vp), zero, 0, os, 0, 0)
+                _tile(rows, s[:, :m], 0, _value_panel(Vp, base, h, g, m, n_head, n_vp), zero, 0, os, 0, 0)
                 width = min(PANEL, d - g * PANEL)
                 for r in range(rows):
                     ctx[q0r + r, h * d + g * PANEL:h * d + g * PANEL + width] = os[r, :width]
@@ -570,9 +568,11 @@ _tile1, _tile2, _tile3, _tile4, _tile5 = (_tile_of(n) for n in range(1, TILE_ROW
 
 
 @nb.njit(inline="always", **_jit)
-def _tail_tile(n, x, r0, wp, b, n0, out, o0, c0):
-    """The tile of a block's last n < TILE_ROWS rows."""
-    if n == 1:
+def _tile(n, x, r0, wp, b, n0, out, o0, c0):
+    """The register tile of n <= TILE_ROWS rows: `_panel_tile`, or for a block's last 1-5 rows one of as many."""
+    if n == TILE_ROWS:
+        _panel_tile(x, r0, wp, b, n0, out, o0, c0)
+    elif n == 1:
         _tile1(x, r0, wp, b, n0, out, o0, c0)
     elif n == 2:
         _tile2(x, r0, wp, b, n0, out, o0, c0)
@@ -589,8 +589,8 @@ def _linear_rows(x, wp, b, out):                                     # [R, in] @
     """x @ w^T + b with w laid out by `panels` (wp [P, in, 32]); b padded to 32 P; out [R, N], N <= 32 P.
 
     One parallel loop over tasks (a block of x's rows by TASK_PANELS panels), each a run of `_panel_tile`s;
-    rows past the block's last full tile take a tile of as many rows (`_tail_tile`), and a last panel wider than
-    out goes through scratch. So every output element is the same sum in the same order whatever the number of
+    rows past the block's last full tile take a tile of as many rows (`_tile`), and a last panel wider than out
+    goes through scratch. So every output element is the same sum in the same order whatever the number of
     rows, the row's place among them or the thread count: a sentence's vectors do not depend on what it was
     batched with."""
     R, K = x.shape
@@ -607,18 +607,16 @@ def _linear_rows(x, wp, b, out):                                     # [R, in] @
         os = np.empty((TILE_ROWS, PANEL), np.float32)                # a scratch tile's sums
         for p in range(p_lo, p_hi):
             n0, width = p * PANEL, min(PANEL, N - p * PANEL)
-            if width == PANEL:
+            if width == PANEL:                                       # (the full tiles' loop on its own: hot)
                 for r in range(r_lo, r_full, TILE_ROWS):
                     _panel_tile(x, r, wp[p], b, n0, out, r, n0)
+                if r_full < r_hi:
+                    _tile(r_hi - r_full, x, r_full, wp[p], b, n0, out, r_full, n0)
             else:                                                    # the last panel is wider than out
-                for r in range(r_lo, r_full, TILE_ROWS):
-                    _panel_tile(x, r, wp[p], b, n0, os, 0, 0)
-                    out[r:r + TILE_ROWS, n0:] = os[:, :width]
-            if r_full < r_hi and width == PANEL:
-                _tail_tile(r_hi - r_full, x, r_full, wp[p], b, n0, out, r_full, n0)
-            elif r_full < r_hi:
-                _tail_tile(r_hi - r_full, x, r_full, wp[p], b, n0, os, 0, 0)
-                out[r_full:r_hi, n0:n0 + width] = os[:r_hi - r_full, :width]
+                for r in range(r_lo, r_hi, TILE_ROWS):
+                    n = min(TILE_ROWS, r_hi - r)
+                    _tile(n, x, r, wp[p], b, n0, os, 0, 0)
+                    out[r:r + n, n0:] = os[:n, :width]
 
 
 _PANELS = {}                # id(w) -> (weak reference to w, panels(w)) for read-only weights: laid out once
