@@ -1,7 +1,7 @@
 """The numba attention kernel before and after its products moved into `_panel_tile` register tiles (commit
 c95a79f), interleaved in one process, on Q, K, V of the bench shapes (no mask, no probabilities, no statistics).
 
-    python benchmarks/ab_attention_tiles.py [--rounds 25]
+    python benchmarks/ab_attention_tiles.py [--rounds 25] [--before COMMIT]
 
 "before" is `_attend` as it was at c95a79f^ (blocks of 4 query rows; logits as row updates q_c K^T[c, :], p V four
 keys at a time), its module read from the git history and imported beside the current one
@@ -24,7 +24,7 @@ from minifca.kernels import cpu
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ab_linear_before import kernels_at  # noqa: E402  (a sibling script)
 
-SHAPES = [(1, 128, 384), (8, 128, 384), (32, 64, 384), (1, 39, 384), (1, 128, 768), (8, 128, 768)]  # B, n, H
+SHAPES = [(1, 128, 384), (8, 128, 384), (32, 64, 384), (1, 62, 384), (1, 39, 384), (1, 128, 768), (8, 128, 768)]  # B, n, H
 N_HEAD = 12
 
 
@@ -57,9 +57,10 @@ def compare(old, rounds):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=25)
+    ap.add_argument("--before", default="c95a79f^", help="the commit whose _attend is 'before' (default: c95a79f^)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        compare(kernels_at("c95a79f^", tmp), a.rounds)
+        compare(kernels_at(a.before, tmp), a.rounds)
 
 
 if __name__ == "__main__":

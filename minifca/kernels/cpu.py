@@ -265,22 +265,72 @@ def _value_panel(Vp, base, h, g, m, n_head, n_vp):
     return Vp[o:o + m * PANEL].reshape((m, PANEL))
 
 
+@nb.njit(inline="always", **_jit)
+def _lay_out_head(K, V, start, b_, h, d, Kp, koff, Vp, n_head, n_vp):
+    """Sequence b_'s keys and values of head h as `_attend` reads them: key panels [d, 32] (`_key_panel`) and
+    value panels [m, 32] (`_value_panel`), zero past the sequence's m keys and past the head's d elements."""
+    base, m = start[b_], start[b_ + 1] - start[b_]
+    for p in range((m + PANEL - 1) // PANEL):
+        kp = _key_panel(Kp, koff, b_, h, p, m, d)
+        for jj in range(PANEL):                                      # key by key: K's rows read in order
+            j = p * PANEL + jj
+            for c in range(d):
+                kp[c, jj] = K[base + j, h * d + c] if j < m else np.float32(0.0)
+    for g in range(n_vp):
+        vp = _value_panel(Vp, base, h, g, m, n_head, n_vp)
+        for j in range(m):
+            for cc in range(PANEL):
+                c = g * PANEL + cc
+                vp[j, cc] = V[base + j, h * d + c] if c < d else np.float32(0.0)
+
+
+@nb.njit(inline="always", fastmath={"contract"}, **_jit)
+def _attend_block(Q, bias, start, b_, i0, h, d, Kp, koff, Vp, n_head, n_vp, scale, zero, want_probs, probs, s, os,
+                  ctx):
+    """Head h of the block of query rows i0.. (at most BLOCK_ROWS) of sequence b_: its logits q K_h^T into s, 32
+    keys per tile, the masked softmax of each row (probabilities left in s[:rows, :m], and in probs if
+    want_probs), then its context p V_h, 32 elements per tile, into ctx. Returns the block's rows."""
+    base, m = start[b_], start[b_ + 1] - start[b_]                   # the sequence's first row, its units
+    q0r, rows = base + i0, min(BLOCK_ROWS, m - i0)                   # the block's first row in Q and ctx
+    q = Q[:, h * d:(h + 1) * d]                                      # head h's queries (strided rows)
+    for p in range((m + PANEL - 1) // PANEL):                        # s = q K_h^T, 32 keys per tile
+        _tile(rows, q, q0r, _key_panel(Kp, koff, b_, h, p, m, d), zero, 0, s, 0, p * PANEL)
+    bias_b = bias[base:base + m]
+    for r in range(rows):
+        _softmax_row(s[r, :m], bias_b, scale)
+        if want_probs:
+            probs[b_, h, i0 + r, :m] = s[r, :m]
+    for g in range(n_vp):                                            # ctx = p V_h, 32 elements per tile
+        vp, c0 = _value_panel(Vp, base, h, g, m, n_head, n_vp), h * d + g * PANEL
+        if g * PANEL + PANEL <= d:                                   # a whole panel: straight into ctx
+            _tile(rows, s[:, :m], 0, vp, zero, 0, ctx, q0r, c0)
+        else:                                                        # the head's last elements, via scratch
+            _tile(rows, s[:, :m], 0, vp, zero, 0, os, 0, 0)
+            for r in range(rows):
+                ctx[q0r + r, c0:h * d + d] = os[r, :d - g * PANEL]
+    return rows
+
+
 @nb.njit(parallel=True, fastmath={"contract"}, **_jit)
 def _attend(Q, K, V, bias, start, blk_seq, blk_row, n_head, want_probs, want_stats, probs, abar, ctx):
     """Masked multi-head attention of every query row, sequence by sequence; Q, K, V [T, H] (biases added).
 
     Sequence b is rows start[b]:start[b + 1] of Q, K and V (a padded [B, n, H] batch: start[b] = b n; a
     `Packed` one: its valid units only); bias [T] is added to the logits of each key (NEG for padding,
-    log(size) for proportional attention). Query rows go six at a time: block t is rows blk_row[t].. of
-    sequence blk_seq[t]. Writes ctx [T, H]; probs [B, h, n, n] if want_probs; abar [B, n, n] (head mean) if
-    want_stats (entries outside each sequence's m x m block left as the caller made them).
+    log(size) for proportional attention). Query rows go six at a time, in blocks (`_attend_block`); block t
+    is rows blk_row[t].. of sequence blk_seq[t]. Writes ctx [T, H]; probs [B, h, n, n] if want_probs; abar
+    [B, n, n] (head mean) if want_stats (entries outside each sequence's m x m block left as the caller made
+    them).
 
     Both products are the weight products' register tile (`_panel_tile`, below), with each (sequence, head)'s
-    keys and values laid out first as panels of 32 (keys: [d, 32] per 32 keys; values: [m, 32] per 32 of the
-    head's d elements; zero-padded): the logits of a block are q K_h^T, its six rows by 32 keys per tile, in
-    c order; after the masked softmax of each row, its context is p V_h, six rows by 32 elements per tile, in
-    key order. A sequence's last block takes tiles of as many rows as it has left (`_tile`).
-    Each row's arithmetic is the same, in the same order, whichever block it falls in.
+    keys and values laid out first as panels of 32 (`_lay_out_head`: keys [d, 32] per 32 keys; values [m, 32]
+    per 32 of the head's d elements; zero-padded): the logits of a block are q K_h^T, its six rows by 32 keys
+    per tile, in c order; after the masked softmax of each row, its context is p V_h, six rows by 32 elements
+    per tile, in key order. A sequence's last block takes tiles of as many rows as it has left (`_tile`).
+    Without statistics, one parallel task per (sequence, head) lays its panels out and runs its blocks (its
+    panels still in cache); with them, every head's panels come first, then one task per block runs the heads
+    in order, summing the probabilities for the head mean as it goes.
+    Each row's arithmetic is the same, in the same order, whichever block or task it falls in.
     """
     T, H = Q.shape
     B = start.shape[0] - 1
@@ -291,52 +341,36 @@ def _attend(Q, K, V, bias, start, blk_seq, blk_row, n_head, want_probs, want_sta
     koff = _key_offsets(start, n_head, d)
     Kp = np.empty(koff[B], np.float32)                               # per sequence, head: key panels [d, 32]
     Vp = np.empty(T * n_head * n_vp * PANEL, np.float32)             # per sequence, head: value panels [m, 32]
-    for bh in nb.prange(B * n_head):
-        b_, h = bh // n_head, bh % n_head
-        base, m = start[b_], start[b_ + 1] - start[b_]
-        for p in range((m + PANEL - 1) // PANEL):
-            kp = _key_panel(Kp, koff, b_, h, p, m, d)
-            for jj in range(PANEL):                                  # key by key: K's rows read in order
-                j = p * PANEL + jj
-                for c in range(d):
-                    kp[c, jj] = K[base + j, h * d + c] if j < m else np.float32(0.0)
-        for g in range(n_vp):
-            vp = _value_panel(Vp, base, h, g, m, n_head, n_vp)
-            for j in range(m):
-                for cc in range(PANEL):
-                    c = g * PANEL + cc
-                    vp[j, cc] = V[base + j, h * d + c] if c < d else np.float32(0.0)
     zero = np.zeros(PANEL, np.float32)                               # the tiles' "bias": sums start at 0
+    if not want_stats:
+        for bh in nb.prange(B * n_head):
+            b_, h = bh // n_head, bh % n_head
+            m = start[b_ + 1] - start[b_]
+            _lay_out_head(K, V, start, b_, h, d, Kp, koff, Vp, n_head, n_vp)
+            s = np.zeros((R, (m + PANEL - 1) // PANEL * PANEL), np.float32)  # a block's logits, probabilities
+            os = np.empty((R, PANEL), np.float32)                    # one tile of context
+            for i0 in range(0, m, R):
+                _attend_block(Q, bias, start, b_, i0, h, d, Kp, koff, Vp, n_head, n_vp, scale, zero, want_probs,
+                              probs, s, os, ctx)
+        return
+    for bh in nb.prange(B * n_head):
+        _lay_out_head(K, V, start, bh // n_head, bh % n_head, d, Kp, koff, Vp, n_head, n_vp)
     for t in nb.prange(blk_seq.shape[0]):
         b_, i0 = blk_seq[t], blk_row[t]
-        base, m = start[b_], start[b_ + 1] - start[b_]               # the sequence's first row, its units
-        q0r = base + i0                                              # the block's first row in Q and ctx
-        rows = min(R, m - i0)
-        n_kp = (m + PANEL - 1) // PANEL                              # key panels
-        bias_b = bias[base:base + m]
-        s = np.zeros((R, n_kp * PANEL), np.float32)                  # the block's logits, then probabilities
+        m = start[b_ + 1] - start[b_]
+        s = np.zeros((R, (m + PANEL - 1) // PANEL * PANEL), np.float32)
+        os = np.empty((R, PANEL), np.float32)
         acc = np.zeros((R, m), np.float32)                           # head sum of the probabilities
-        os = np.empty((R, PANEL), np.float32)                        # one tile of context
+        rows = 0
         for h in range(n_head):
-            q = Q[:, h * d:(h + 1) * d]                              # head h's queries (strided rows)
-            for p in range(n_kp):                                    # s = q K_h^T, 32 keys per tile
-                _tile(rows, q, q0r, _key_panel(Kp, koff, b_, h, p, m, d), zero, 0, s, 0, p * PANEL)
-            for r in range(rows):
-                _softmax_row(s[r, :m], bias_b, scale)
-                if want_probs:
-                    probs[b_, h, i0 + r, :m] = s[r, :m]
-                if want_stats:
-                    for j in range(m):
-                        acc[r, j] += s[r, j]
-            for g in range(n_vp):                                    # ctx = p V_h, 32 elements per tile
-                _tile(rows, s[:, :m], 0, _value_panel(Vp, base, h, g, m, n_head, n_vp), zero, 0, os, 0, 0)
-                width = min(PANEL, d - g * PANEL)
-                for r in range(rows):
-                    ctx[q0r + r, h * d + g * PANEL:h * d + g * PANEL + width] = os[r, :width]
-        if want_stats:
+            rows = _attend_block(Q, bias, start, b_, i0, h, d, Kp, koff, Vp, n_head, n_vp, scale, zero,
+                                 want_probs, probs, s, os, ctx)
             for r in range(rows):
                 for j in range(m):
-                    abar[b_, i0 + r, j] = acc[r, j] / np.float32(n_head)
+                    acc[r, j] += s[r, j]
+        for r in range(rows):
+            for j in range(m):
+                abar[b_, i0 + r, j] = acc[r, j] / np.float32(n_head)
 
 
 @nb.njit(**_jit)
