@@ -480,6 +480,7 @@ class FCAState:
     inside: list | None = None                # per sequence: [n, L] 1 where the input position belongs to the unit
     n_fine: list | None = None                # per sequence: how many leading units are fine units
     idle: tuple | None = None                 # (cfg, keep value, batch shape) last passed by `leaves_alone`
+    planned: tuple | None = None              # (cfg, layer, valid, BatchPlan) of `leaves_alone`'s last batch_plan
 
     @classmethod
     def start(cls, mask, seeds, trace):
@@ -510,10 +511,18 @@ class FCAState:
             return False
         key = (cfg, cfg._value(layer), valid.shape)                  # all batch_plan reads of the layer and of
         if key != self.idle:                                         # an all-valid mask (so a uniform keep's
-            if batch_plan(cfg, layer, self.n_tokens, valid).active.any():  # layers after the cut are decided
-                return False                                         # once: this runs between kernels, where
+            if self._plan(cfg, layer, valid).active.any():           # layers after the cut are decided once:
+                return False                                         # this runs between kernels, where
             self.idle = key                                          # Python's own work is slow)
         return True
+
+    def _plan(self, cfg, layer, valid):
+        """batch_plan(cfg, layer, self.n_tokens, valid), computed once for the layer's `leaves_alone` and its
+        `reduce` (they ask with the same mask)."""
+        hit = self.planned
+        if hit is None or hit[0] is not cfg or hit[1] != layer or not np.array_equal(hit[2], valid):
+            hit = self.planned = (cfg, layer, valid, batch_plan(cfg, layer, self.n_tokens, valid))
+        return hit[3]
 
     def batched(self, cfg) -> bool:
         """Is this layer decided for the whole batch at once (rules with batched facts, no trace)?"""
@@ -561,7 +570,7 @@ class FCAState:
         or the backend's own compiled one (`apply`), picks and merges the units.
         """
         valid = mask > 0                                             # [B, n]
-        plan = batch_plan(cfg, layer, self.n_tokens, valid)
+        plan = self._plan(cfg, layer, valid)
         s = np.asarray(SCORES[cfg.score](stats, x, None, None), np.float64)  # [B, n]
         new_x, new_sizes = (apply or reduce_batch)(s, x, sizes, valid, plan.k, plan.c, plan.active, cfg.aggregate)
         self.record_plan(layer, plan)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 import re
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,19 +38,54 @@ class Output:
     logits: np.ndarray | None = None         # [B, C] (classifier), [B, L, C] (token classifier), [B, L, V] (MLM)
     hidden_states: list | None = None        # num_layers + 1 arrays [B, n_l, H]
     attentions: list | None = None           # num_layers arrays [B, h, n_l, n_l]
-    flops: int = 0                           # this forward, valid units only
-    flops_full: int = 0                      # the full model, unpadded
-    flops_full_padded: int = 0               # the full model at padded length (pad_to, or the batch's L)
-    flops_per_sequence: np.ndarray | None = None  # [B]
     trace: list | None = None                # per layer, per sequence: [{kind, tokens, weights}]
     units: list | None = None                # per layer unit counts (FCA only)
     why_no_logits: str | None = None         # set when the checkpoint has a head but this forward has no logits
+    _counts: object = field(default=None, repr=False, compare=False)  # () -> the FLOPs below, when first read
 
     @property
     def embeddings(self) -> np.ndarray:
         """Mean-pooled sentence embeddings [B, H] (each unit weighted by its size)."""
         return reference.mean_pool(self.last_hidden_state, self.mask, self.sizes)
 
+    @property
+    def flops(self) -> int:                  # this forward, valid units only
+        return self._flops()["flops"]
+
+    @property
+    def flops_full(self) -> int:             # the full model, unpadded
+        return self._flops()["flops_full"]
+
+    @property
+    def flops_full_padded(self) -> int:      # the full model at padded length (pad_to, or the batch's L)
+        return self._flops()["flops_full_padded"]
+
+    @property
+    def flops_per_sequence(self) -> np.ndarray | None:  # [B]
+        return self._flops()["flops_per_sequence"]
+
+    def _flops(self) -> dict:
+        """The counts, from the forward's unit counts (flops.py), made once on first read: a forward whose
+        FLOPs nobody reads (embed, classify, a bench loop) spends no time on them."""
+        if not isinstance(self._counts, dict):
+            self._counts = self._counts() if self._counts is not None else {
+                "flops": 0, "flops_full": 0, "flops_full_padded": 0, "flops_per_sequence": None}
+        return self._counts
+
+
+
+def _count(cfg, heads, n_tokens, units, padded_to):
+    """A forward's FLOPs (Output's flops fields) from its valid tokens [B] and FCA's unit counts; heads: does
+    the checkpoint have a pooler, a classifier, a token classifier."""
+    head = head_flops(cfg, heads[0], heads[1])
+    if heads[2]:                                                     # 2 H C per token
+        head = head + 2 * cfg.hidden_size * cfg.num_labels * n_tokens.astype(np.int64)
+    per_seq = model_flops(cfg, n_tokens, units, head)
+    padded_len = np.maximum(n_tokens, padded_to)
+    flops = int(per_seq.sum())
+    full = int(model_flops(cfg, n_tokens, None, head).sum()) if units is not None else flops
+    padded = int(model_flops(cfg, padded_len, None, head).sum()) if (padded_len != n_tokens).any() else full
+    return {"flops": flops, "flops_full": full, "flops_full_padded": padded, "flops_per_sequence": per_seq}
 
 def _resolve(name_or_path, hub=None) -> Path:
     """A local folder as it is; anything else is a hub id fetched by huggingface_hub (cache first).
@@ -180,17 +216,8 @@ class Model:
                                  "and FCA has merged positions into coarse units (run without fca for logits)")
         if not np.isfinite(x).all() or (out.logits is not None and not np.isfinite(out.logits).all()):
             raise InputError("the forward produced non-finite values (NaN/inf): an activation overflowed float32")
-        n_tokens = (mask > 0).sum(1)
-        head = head_flops(cfg, "pooler" in p, "classifier" in p)
-        if "token_classifier" in p:                                  # 2 H C per token
-            head = head + 2 * cfg.hidden_size * cfg.num_labels * n_tokens.astype(np.int64)
-        per_seq = model_flops(cfg, n_tokens, r["units"], head)
-        padded_len = np.maximum(n_tokens, ids.shape[1] if pad_to is None else int(pad_to))
-        out.flops_per_sequence = per_seq
-        out.flops = int(per_seq.sum())
-        out.flops_full = int(model_flops(cfg, n_tokens, None, head).sum()) if r["units"] is not None else out.flops
-        out.flops_full_padded = (int(model_flops(cfg, padded_len, None, head).sum())
-                                 if (padded_len != n_tokens).any() else out.flops_full)
+        out._counts = partial(_count, cfg, tuple(h in p for h in ("pooler", "classifier", "token_classifier")),
+                              (mask > 0).sum(1), r["units"], ids.shape[1] if pad_to is None else int(pad_to))
         return out
 
     def __call__(self, enc: Encoding, fca: FCAConfig | None = None, **kw) -> Output:

@@ -404,23 +404,27 @@ def _head_mean(probs, out):                                          # [B, h, n,
 
 @nb.njit(parallel=True, **_jit)
 def _stats_from_abar(abar, valid, received, cls, entropy):
-    """FCA statistics of the head-averaged attention abar [B, n, n]; see reference.attention_stats."""
+    """FCA statistics of the head-averaged attention abar [B, n, n]; see reference.attention_stats.
+
+    Column sums one task per sequence, then one task per row of the batch (the entropies' logs are the work: in
+    parallel at batch 1 too)."""
     B, n, _ = abar.shape
+    rec = np.zeros((B, n), np.float64)
     for b_ in nb.prange(B):
-        rec = np.zeros(n, np.float64)
         for i in range(n):
             if valid[b_, i] > 0:
                 for j in range(n):
-                    rec[j] += abar[b_, i, j]
-        for j in range(n):
-            e = 0.0
-            for k in range(n):
-                a = abar[b_, j, k]
-                e -= a * math.log(max(a, np.float32(1e-30)))
-            v = valid[b_, j]
-            received[b_, j] = np.float32(rec[j] - abar[b_, j, j]) * v
-            cls[b_, j] = abar[b_, 0, j] * v
-            entropy[b_, j] = np.float32(e) * v
+                    rec[b_, j] += abar[b_, i, j]
+    for r in nb.prange(B * n):
+        b_, j = r // n, r % n
+        e = 0.0
+        for k in range(n):
+            a = abar[b_, j, k]
+            e -= a * math.log(max(a, np.float32(1e-30)))
+        v = valid[b_, j]
+        received[b_, j] = np.float32(rec[b_, j] - abar[b_, j, j]) * v
+        cls[b_, j] = abar[b_, 0, j] * v
+        entropy[b_, j] = np.float32(e) * v
 
 
 # ---------------------------------------------------------------- FCA: selection and aggregation
