@@ -13,7 +13,7 @@ import numpy as np
 from . import reference, threadlimit
 from .config import BertConfig
 from .errors import CheckpointError, ConfigError, InputError
-from .fca import FCAConfig, sequence_seeds
+from .fca import FCAConfig, batchable, sequence_seeds
 from .flops import head_flops, model_flops
 from .progress import progress
 from .sentence import SentenceConfig, l2_normalize, pool
@@ -198,7 +198,8 @@ class Model:
         lin = self.ops.linear if self.backend == "numba" else reference.linear  # numba's: OpenBLAS's threads stay asleep
         with getattr(self.ops, "one_at_a_time", nullcontext)():      # Numba's workqueue layer: forwards (and their
             r = reference.bert_forward(self.params, cfg, ids, mask, tt, fca=fca, ops=self.ops,  # heads) take turns
-                                       seeds=sequence_seeds(ids, mask) if fca is not None else None,
+                                       seeds=sequence_seeds(ids, mask) if fca is not None and (
+                                           trace or not batchable(fca)) else None,  # read by per-sequence layers only
                                        output_hidden_states=output_hidden_states,
                                        output_attentions=output_attentions, trace=trace)
             x = r["last_hidden_state"]
