@@ -73,7 +73,6 @@ class Output:
         return self._counts
 
 
-
 def _count(cfg, heads, n_tokens, units, padded_to):
     """A forward's FLOPs (Output's flops fields) from its valid tokens [B] and FCA's unit counts; heads: does
     the checkpoint have a pooler, a classifier, a token classifier."""
@@ -86,6 +85,7 @@ def _count(cfg, heads, n_tokens, units, padded_to):
     full = int(model_flops(cfg, n_tokens, None, head).sum()) if units is not None else flops
     padded = int(model_flops(cfg, padded_len, None, head).sum()) if (padded_len != n_tokens).any() else full
     return {"flops": flops, "flops_full": full, "flops_full_padded": padded, "flops_per_sequence": per_seq}
+
 
 def _resolve(name_or_path, hub=None) -> Path:
     """A local folder as it is; anything else is a hub id fetched by huggingface_hub (cache first).

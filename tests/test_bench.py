@@ -20,13 +20,15 @@ def test_quick_bench_reports_every_engine_and_figure(quick_result):
     res, root = quick_result
     assert (root / "tiny" / "model.safetensors").is_file() and (root / "tiny" / "model.onnx").is_file()
     assert res["machine"]["sgemm_gflops"] > 0 and res["machine"]["threads"] == 1
+    each = res["machine"]["sgemm_gflops_each"]                       # before and after the engines: the better
+    assert len(each) == 2 and res["machine"]["sgemm_gflops"] == max(each)
     assert res["engines"] == ["numba", "torch", "onnxruntime"]
     entry = res["models"]["tiny"]
     assert set(entry["shapes"]) == {f"{B}x{L}" for B, L in bench.QUICK_SHAPES}
     for row in entry["shapes"].values():
         assert row["flops"] > 0
         r = row["numba"]
-        assert r["ms"] > 0 and r["gflops"] > 0
+        assert r["ms"] > 0 and r["gflops"] > 0 and r["peak_fraction"] == r["gflops"] / max(each)
         assert r["speedup_vs_torch"] > 0 and r["speedup_vs_onnxruntime"] > 0
         for name, target in bench.FCA_TARGETS.items():
             f = r[f"fca_{name}"]

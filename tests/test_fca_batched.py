@@ -272,3 +272,26 @@ def test_leaves_alone_only_where_the_reduction_is_the_identity():
     padded[1, 6] = 0                                                 # padding: a reduce would re-pack it
     assert not state.leaves_alone(1, cfg, padded)
     assert not F.FCAState.start(np.ones((2, 12), np.float32), None, True).leaves_alone(1, cfg, mask)  # a trace
+
+
+def test_a_layer_plans_once_for_its_leaves_alone_and_its_reduce(monkeypatch):
+    """`leaves_alone`'s batch_plan is the one `reduce` uses for the same layer and mask: one plan per layer that
+    is asked, and a new one when the mask (or the layer) differs."""
+    plans = []
+    real = F.batch_plan
+    monkeypatch.setattr(F, "batch_plan", lambda *a: plans.append(a[1]) or real(*a))
+    rng = np.random.default_rng(0)
+    B, n, H = 2, 12, 8
+    mask = np.ones((B, n), np.float32)
+    state, cfg = F.FCAState.start(mask, None, False), F.FCAConfig(keep=0.5)
+    x, sizes = rng.standard_normal((B, n, H)).astype(np.float32), mask.copy()
+    stats = {"received": rng.random((B, n)).astype(np.float32)}
+    assert not state.leaves_alone(0, cfg, mask)
+    _, new_mask, _ = state.reduce(0, cfg, x, mask, sizes, stats, x)
+    assert plans == [0]
+    want = real(cfg, 0, state.n_tokens, mask > 0)                    # the plan reduce used: the same counts
+    assert new_mask.shape == (B, int(want.n_out.max()))
+    other = mask.copy()
+    other[1, -1] = 0                                                 # another mask at the same layer: planned anew
+    state.reduce(0, cfg, x, other, sizes, stats, x)
+    assert plans == [0, 0]

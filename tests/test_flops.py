@@ -82,6 +82,21 @@ def test_counts_per_sequence_in_a_batch(tiny):
     assert out.flops_full_padded == 2 * 166960
 
 
+def test_flops_are_counted_when_first_read_and_then_kept(tiny, monkeypatch):
+    """A forward counts no FLOPs until one of its counts is read (embed and classify never read them); the counts
+    read later are the forward's own, even after the caller's mask changes, and are made once."""
+    calls = []
+    real = minifca.model.model_flops
+    monkeypatch.setattr(minifca.model, "model_flops", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids, mask = np.ones((2, 9), np.int64), np.array([[1] * 5 + [0] * 4, [1] * 9])
+    out = tiny.forward(ids, mask, fca=minifca.FCAConfig(keep=0.6), pad_to=64)
+    assert calls == []
+    mask[:] = 0                                                      # the caller's array, reused
+    assert out.flops_per_sequence[0] == 3187 and out.flops_full_padded == 2 * 166960
+    made = len(calls)
+    assert made > 0 and out.flops == out.flops_per_sequence.sum() and len(calls) == made
+
+
 @pytest.fixture(scope="module")
 def wider(tmp_path_factory):
     folder = write_random_checkpoint(tmp_path_factory.mktemp("wider_flops"), seed=2, vocab_size=50, hidden_size=32,
