@@ -510,12 +510,12 @@ def run_bench(backends=("numba", "numpy"), quick=False, runs=None, threads=None,
         res["models"][name] = entry
     log(f"sgemm ({n_sgemm}^3, NumPy), again")
     peaks.append(sgemm_gflops(n_sgemm, runs))
-    res["machine"]["sgemm_gflops"], res["machine"]["sgemm_gflops_each"] = max(peaks), peaks  # the slow spell of a
-    for entry in res["models"].values():                             # noisy host can fall on one measurement
+    peak = res["machine"]["sgemm_gflops"] = max(peaks)              # a slow spell of a noisy host can fall on
+    res["machine"]["sgemm_gflops_each"] = peaks                      # one measurement
+    for entry in res["models"].values():
         for row in entry["shapes"].values():
-            for e, r in row.items():
-                if e != "flops":
-                    r["peak_fraction"] = r["gflops"] / max(peaks)
+            for r in (v for v in row.values() if isinstance(v, dict)):  # each engine's figures
+                r["peak_fraction"] = r["gflops"] / peak
     log("time to first output (fresh process, warm cache)")
     try:
         res["first_output_seconds"] = first_output_seconds(threads, first_output_model, 1 if quick else 3)

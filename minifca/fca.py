@@ -526,7 +526,7 @@ class FCAState:
 
     def batched(self, cfg) -> bool:
         """Is this layer decided for the whole batch at once (rules with batched facts, no trace)?"""
-        return self.members is None and batchable(cfg)
+        return not per_sequence(cfg, self.members is not None)
 
     def reduce(self, layer, cfg, x, mask, sizes, stats, keys, reduce_batch=None):
         """Shorten every sequence of the batch; returns x [B, n', H], mask [B, n'], sizes [B, n'].
@@ -645,6 +645,12 @@ def reduce_batch(s, x, sizes, valid, k, c, active, aggregate):
 def batchable(cfg):
     """Can `FCAState._reduce_batched` decide this layer? (Both rules registered with batched=True.)"""
     return score_facts(cfg.score).batched and aggregate_facts(cfg.aggregate).batched
+
+
+def per_sequence(cfg, trace) -> bool:
+    """Are a forward's FCA layers decided sequence by sequence (a trace, or a rule without batched facts)? Only
+    those read the per-sequence seeds of the random rule."""
+    return trace or not batchable(cfg)
 
 
 def _select_batched(s, valid, k):

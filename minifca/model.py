@@ -5,7 +5,7 @@ import os
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ import numpy as np
 from . import reference, threadlimit
 from .config import BertConfig
 from .errors import CheckpointError, ConfigError, InputError
-from .fca import FCAConfig, batchable, sequence_seeds
+from .fca import FCAConfig, per_sequence, sequence_seeds
 from .flops import head_flops, model_flops
 from .progress import progress
 from .sentence import SentenceConfig, l2_normalize, pool
@@ -41,7 +41,7 @@ class Output:
     trace: list | None = None                # per layer, per sequence: [{kind, tokens, weights}]
     units: list | None = None                # per layer unit counts (FCA only)
     why_no_logits: str | None = None         # set when the checkpoint has a head but this forward has no logits
-    _counts: object = field(default=None, repr=False, compare=False)  # () -> the FLOPs below, when first read
+    _counter: object = field(default=None, repr=False, compare=False)  # () -> the FLOPs below, run when first read
 
     @property
     def embeddings(self) -> np.ndarray:
@@ -50,30 +50,30 @@ class Output:
 
     @property
     def flops(self) -> int:                  # this forward, valid units only
-        return self._flops()["flops"]
+        return self._flops["flops"]
 
     @property
     def flops_full(self) -> int:             # the full model, unpadded
-        return self._flops()["flops_full"]
+        return self._flops["flops_full"]
 
     @property
     def flops_full_padded(self) -> int:      # the full model at padded length (pad_to, or the batch's L)
-        return self._flops()["flops_full_padded"]
+        return self._flops["flops_full_padded"]
 
     @property
     def flops_per_sequence(self) -> np.ndarray | None:  # [B]
-        return self._flops()["flops_per_sequence"]
+        return self._flops["flops_per_sequence"]
 
+    @cached_property
     def _flops(self) -> dict:
-        """The counts, from the forward's unit counts (flops.py), made once on first read: a forward whose
-        FLOPs nobody reads (embed, classify, a bench loop) spends no time on them."""
-        if not isinstance(self._counts, dict):
-            self._counts = self._counts() if self._counts is not None else {
-                "flops": 0, "flops_full": 0, "flops_full_padded": 0, "flops_per_sequence": None}
-        return self._counts
+        """The counts (flops.py), made once on first read: a forward whose FLOPs nobody reads (embed, classify, a
+        bench loop) spends no time on them."""
+        if self._counter is None:
+            return {"flops": 0, "flops_full": 0, "flops_full_padded": 0, "flops_per_sequence": None}
+        return self._counter()
 
 
-def _count(cfg, heads, n_tokens, units, padded_to):
+def _count_flops(cfg, heads, n_tokens, units, padded_to):
     """A forward's FLOPs (Output's flops fields) from its valid tokens [B] and FCA's unit counts; heads: does
     the checkpoint have a pooler, a classifier, a token classifier."""
     head = head_flops(cfg, heads[0], heads[1])
@@ -198,8 +198,8 @@ class Model:
         lin = self.ops.linear if self.backend == "numba" else reference.linear  # numba's: OpenBLAS's threads stay asleep
         with getattr(self.ops, "one_at_a_time", nullcontext)():      # Numba's workqueue layer: forwards (and their
             r = reference.bert_forward(self.params, cfg, ids, mask, tt, fca=fca, ops=self.ops,  # heads) take turns
-                                       seeds=sequence_seeds(ids, mask) if fca is not None and (
-                                           trace or not batchable(fca)) else None,  # read by per-sequence layers only
+                                       seeds=sequence_seeds(ids, mask) if fca is not None and per_sequence(
+                                           fca, trace) else None,    # read by layers decided per sequence only
                                        output_hidden_states=output_hidden_states,
                                        output_attentions=output_attentions, trace=trace)
             x = r["last_hidden_state"]
@@ -217,8 +217,8 @@ class Model:
                                  "and FCA has merged positions into coarse units (run without fca for logits)")
         if not np.isfinite(x).all() or (out.logits is not None and not np.isfinite(out.logits).all()):
             raise InputError("the forward produced non-finite values (NaN/inf): an activation overflowed float32")
-        out._counts = partial(_count, cfg, tuple(h in p for h in ("pooler", "classifier", "token_classifier")),
-                              (mask > 0).sum(1), r["units"], ids.shape[1] if pad_to is None else int(pad_to))
+        out._counter = partial(_count_flops, cfg, tuple(h in p for h in ("pooler", "classifier", "token_classifier")),
+                               (mask > 0).sum(1), r["units"], ids.shape[1] if pad_to is None else int(pad_to))
         return out
 
     def __call__(self, enc: Encoding, fca: FCAConfig | None = None, **kw) -> Output:

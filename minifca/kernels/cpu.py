@@ -13,10 +13,11 @@ against it (tests/test_kernels.py). What changes is how the work is done, not wh
   (no hand-off to OpenBLAS's threads between kernels);
 - everything between two matrix products is one parallel Numba loop over rows: the activation,
   residual + LayerNorm, embedding gather + LayerNorm;
-- attention lays each (sequence, head)'s keys and values out in panels of 32, then is one parallel loop over
-  (sequence, block of six query rows): for each head, logits q K^T and the weighted sum of values p V in the same
-  register tiles as the weight products, and the masked softmax between them, while the head-averaged row that
-  FCA's scores need is accumulated on the fly. [B, h, n, n] exists only when the caller asks for probabilities;
+- attention lays each (sequence, head)'s keys and values out in panels of 32 and runs blocks of six query rows:
+  logits q K^T and the weighted sum of values p V in the same register tiles as the weight products, and the
+  masked softmax between them; one parallel task per (sequence, head), or, where FCA's scores need the
+  head-averaged rows, per block of rows with the heads in turn, accumulating them on the fly. [B, h, n, n]
+  exists only when the caller asks for probabilities;
 - FCA's selection and aggregation (`reduce_batch`, for the rules `fca.batchable` accepts) is one
   parallel loop over sequences: rank by a stable sort, copy the fine units, cut the rest into
   chunks, weigh and sum them in float64, add up the sizes. The scores themselves come from the
@@ -289,7 +290,7 @@ def _attend_block(Q, bias, start, b_, i0, h, d, Kp, koff, Vp, n_head, n_vp, scal
                   ctx):
     """Head h of the block of query rows i0.. (at most BLOCK_ROWS) of sequence b_: its logits q K_h^T into s, 32
     keys per tile, the masked softmax of each row (probabilities left in s[:rows, :m], and in probs if
-    want_probs), then its context p V_h, 32 elements per tile, into ctx. Returns the block's rows."""
+    want_probs), then its context p V_h, 32 elements per tile, into ctx."""
     base, m = start[b_], start[b_ + 1] - start[b_]                   # the sequence's first row, its units
     q0r, rows = base + i0, min(BLOCK_ROWS, m - i0)                   # the block's first row in Q and ctx
     q = Q[:, h * d:(h + 1) * d]                                      # head h's queries (strided rows)
@@ -308,7 +309,6 @@ def _attend_block(Q, bias, start, b_, i0, h, d, Kp, koff, Vp, n_head, n_vp, scal
             _tile(rows, s[:, :m], 0, vp, zero, 0, os, 0, 0)
             for r in range(rows):
                 ctx[q0r + r, c0:h * d + d] = os[r, :d - g * PANEL]
-    return rows
 
 
 @nb.njit(parallel=True, fastmath={"contract"}, **_jit)
@@ -358,13 +358,13 @@ def _attend(Q, K, V, bias, start, blk_seq, blk_row, n_head, want_probs, want_sta
     for t in nb.prange(blk_seq.shape[0]):
         b_, i0 = blk_seq[t], blk_row[t]
         m = start[b_ + 1] - start[b_]
+        rows = min(R, m - i0)
         s = np.zeros((R, (m + PANEL - 1) // PANEL * PANEL), np.float32)
         os = np.empty((R, PANEL), np.float32)
         acc = np.zeros((R, m), np.float32)                           # head sum of the probabilities
-        rows = 0
         for h in range(n_head):
-            rows = _attend_block(Q, bias, start, b_, i0, h, d, Kp, koff, Vp, n_head, n_vp, scale, zero,
-                                 want_probs, probs, s, os, ctx)
+            _attend_block(Q, bias, start, b_, i0, h, d, Kp, koff, Vp, n_head, n_vp, scale, zero, want_probs, probs,
+                          s, os, ctx)
             for r in range(rows):
                 for j in range(m):
                     acc[r, j] += s[r, j]
