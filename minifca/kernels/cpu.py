@@ -545,7 +545,17 @@ def _tile_of(n_rows):
     return tile
 
 
-def _tile_codegen(n_rows):
+def _tile_ahead_of(n_rows):
+    """The same tile, also prefetching K cache lines of the next panel `wn` from its line `line0` on (one per
+    step k): `_panel_tile_ahead`, which the first two tiles of each panel run (`_linear_rows`)."""
+
+    @intrinsic
+    def tile(typingctx, x, r0, wp, b, n0, out, o0, c0, wn, line0):
+        return types.void(x, r0, wp, b, n0, out, o0, c0, wn, line0), _tile_codegen(n_rows, ahead=True)
+    return tile
+
+
+def _tile_codegen(n_rows, ahead=False):
     """out[o0 + i, c0 : c0 + 32] = b[n0 : n0 + 32] + sum over k of x[r0 + i, k] * wp[k, :], for i < n_rows.
 
     One register tile, written as LLVM vector code (Numba cannot keep 12 vectors in registers across a loop
@@ -554,7 +564,11 @@ def _tile_codegen(n_rows):
     then the bias plus its products added in k order, one FMA each: the same sum wherever the tile sits, and
     whatever its number of rows (the 1-5 row tiles take a block's last rows, with no padding to compute).
     x, out: 2-D C-ordered float32 (x's rows may be strided); wp: one panel [K, 32]; b: the bias, readable to
-    n0 + 32."""
+    n0 + 32.
+
+    ahead: the tile also takes wn (the next panel, C-contiguous [K, 32]: 2K cache lines of 64 bytes) and line0,
+    and at step k asks the cache for wn's line line0 + k (`llvm.prefetch`, which never faults and changes no
+    result): the arithmetic is the same, only the next panel's reads from memory start while this one computes."""
 
     def codegen(context, builder, signature, args):
         xa, wa, ba, oa = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3, 5))
@@ -582,9 +596,18 @@ def _tile_codegen(n_rows):
         acc = [[cgutils.alloca_once_value(builder, bias[g]) for g in range(PANEL_VECS)] for _ in range(n_rows)]
         undef = llvm_ir.Constant(vec, llvm_ir.Undefined)
         splat_mask = llvm_ir.Constant(llvm_ir.VectorType(i32, LANES), [0] * LANES)
+        if ahead:
+            next_panel, line0 = context.make_array(signature.args[8])(context, builder, args[8]).data, args[9]
+            i8p = llvm_ir.IntType(8).as_pointer()
+            prefetch = cgutils.get_or_insert_function(                # (address, read, keep in all levels, data)
+                builder.module, llvm_ir.FunctionType(llvm_ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+            hints = [llvm_ir.Constant(i32, v) for v in (0, 3, 1)]
         with cgutils.for_range(builder, K) as loop:                  # allocas: LLVM keeps them in registers
             k = loop.index
             wk = builder.mul(k, w_row)
+            if ahead:
+                line = at(next_panel, builder.mul(builder.add(line0, k), const(64)), llvm_ir.IntType(8))
+                builder.call(prefetch, [line, *hints])
             w = [load(at(wa.data, builder.add(wk, const(4 * LANES * g)), vec)) for g in range(PANEL_VECS)]
             for i in range(n_rows):
                 xik = builder.load(at(xa.data, builder.add(rows[i], builder.mul(k, const(4))), f32))
@@ -602,6 +625,7 @@ def _tile_codegen(n_rows):
 
 
 _panel_tile = _tile_of(TILE_ROWS)
+_panel_tile_ahead = _tile_ahead_of(TILE_ROWS)
 _tile1, _tile2, _tile3, _tile4, _tile5 = (_tile_of(n) for n in range(1, TILE_ROWS))
 
 
@@ -630,7 +654,13 @@ def _linear_rows(x, wp, b, out):                                     # [R, in] @
     rows past the block's last full tile take a tile of as many rows (`_tile`), and a last panel wider than out
     goes through scratch. So every output element is the same sum in the same order whatever the number of
     rows, the row's place among them or the thread count: a sentence's vectors do not depend on what it was
-    batched with."""
+    batched with.
+
+    The first two tiles of a panel prefetch the next panel (`_panel_tile_ahead`), also across the task's end
+    (TBB runs a thread's share of the tasks in order). Every forward reads the weights from memory again
+    (MiniLM's 42 MB and bert-base's 340 MB are more than the L3), and at batch 1 or after FCA the few rows leave
+    too little arithmetic per panel to hide those reads otherwise (benchmarks/ab_linear_before.py,
+    benchmarks/products_ceiling.py)."""
     R, K = x.shape
     P, N = wp.shape[0], out.shape[1]
     most = max(TILE_ROWS, min(240, X_BLOCK // max(K, 1)))           # x's rows per task, at most
@@ -647,7 +677,11 @@ def _linear_rows(x, wp, b, out):                                     # [R, in] @
             n0, width = p * PANEL, min(PANEL, N - p * PANEL)
             if width == PANEL:                                       # (the full tiles' loop on its own: hot)
                 for r in range(r_lo, r_full, TILE_ROWS):
-                    _panel_tile(x, r, wp[p], b, n0, out, r, n0)
+                    i = (r - r_lo) // TILE_ROWS                      # tiles 0 and 1: lines [0, K), [K, 2K)
+                    if i < 2 and p + 1 < P:
+                        _panel_tile_ahead(x, r, wp[p], b, n0, out, r, n0, wp[p + 1], i * K)
+                    else:
+                        _panel_tile(x, r, wp[p], b, n0, out, r, n0)
                 if r_full < r_hi:
                     _tile(r_hi - r_full, x, r_full, wp[p], b, n0, out, r_full, n0)
             else:                                                    # the last panel is wider than out
