@@ -486,9 +486,11 @@ class FCAState:
     def start(cls, mask, seeds, trace):
         n_tokens = mask.sum(1).astype(np.int64)
         seeds = np.zeros(len(mask), np.int64) if seeds is None else np.asarray(seeds)
-        eye = np.eye(mask.shape[1])
-        members = [eye[m > 0] for m in mask] if trace else None      # [n, L] unit u = its input position
-        inside = [M.copy() for M in members] if trace else None
+        members = inside = None
+        if trace:
+            eye = np.eye(mask.shape[1])
+            members = [eye[m > 0] for m in mask]                     # [n, L] unit u = its input position
+            inside = [M.copy() for M in members]
         return cls(n_tokens, seeds, [], [] if trace else None, members, inside, [int(n) for n in n_tokens])
 
     def record(self, layer, mask, merged=None, scored=None):
