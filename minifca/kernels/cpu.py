@@ -6,7 +6,8 @@ against it (tests/test_kernels.py). What changes is how the work is done, not wh
 - matrix products with the weights are `_linear_rows`: x @ w^T + b in register tiles of 6 rows by 32 outputs
   (`_panel_tile`, LLVM vector code: 12 accumulators of 16 floats, one fused multiply-add per product), on the
   weights laid out once at load in panels of 32 outputs (`lay_out`; the [out, in] arrays stay memory-mapped for
-  every other reader), one parallel task per block of rows and two panels. Against NumPy's OpenBLAS it is
+  every other reader), one parallel task per block of rows and two panels, each panel's first two tiles fetching
+  the next panel from memory ahead (`_panel_tile_ahead`). Against NumPy's OpenBLAS it is
   up to 2.9x faster from 4 rows to 2048 on 1 or 2 threads, and never more than 4% slower (benchmarks/linear_rows.py,
   docs/bench_numba.md);
   every output is the same sum whatever the batch around its row, and the forward runs on Numba's pool alone
