@@ -224,8 +224,9 @@ def _act_rows(x, out, code):                                         # [R, I] ->
 def _max_vectors(typingctx, s, n_vec):
     """The largest of s[:LANES n_vec] (1-D C-contiguous float32), LANES at a time: a vector of running maxima (a
     compare and a select per step: one vmaxps), then halved four times. LLVM does not vectorise the scalar loop
-    `mx = max(mx, s[j])` (a chain of one compare per element: 37 ns of a 128-key softmax row's ~110). A NaN
-    is passed over, as that loop passes it; max is exact, so the order does not change the result."""
+    `mx = max(mx, s[j])` (a chain of one compare per element, the costliest of the row's passes at 128 keys;
+    benchmarks/ab_attention_tiles.py). A NaN is passed over, as that loop passes it; max is exact, so the order
+    does not change the result."""
     def codegen(context, builder, signature, args):
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
         i32, vec = llvm_ir.IntType(32), llvm_ir.VectorType(llvm_ir.FloatType(), LANES)
