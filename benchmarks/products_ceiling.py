@@ -80,7 +80,7 @@ def main():
     print(f"{a.model} {a.shape}, products only, medians of {a.rounds} interleaved rounds:")
     for label, (rows, flops) in cases.items():
         s, c = med[(label, "streamed")], med[(label, "cached")]
-        line = f"  {label:9s} rows {[r for r in rows[0]]}, then {rows[1][0]}: streamed {s:.2f} ms, cached {c:.2f} ms"
+        line = f"  {label:9s} rows {list(rows[0])}, then {rows[1][0]}: streamed {s:.2f} ms, cached {c:.2f} ms"
         if label != "full":
             line += (f"; FLOPs {flops:.3f}, ceiling speedup x FLOPs {med[('full', 'streamed')] / s * flops:.2f} "
                      f"streamed, {med[('full', 'cached')] / c * flops:.2f} cached")

@@ -1,7 +1,6 @@
 """The Numba backend (minifca.kernels.cpu) against the NumPy reference it mirrors, function by function."""
 from __future__ import annotations
 
-import numba as nb
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -562,18 +561,9 @@ def test_malloc_thresholds_are_set_on_glibc_unless_the_user_chose():
     assert run({**env, "MALLOC_MMAP_THRESHOLD_": "131072"}) == "False"
 
 
-@nb.njit
-def _row_max_as_softmax_takes_it(s):                                 # _softmax_row's max: whole vectors, then the rest
-    whole = s.shape[0] // C.LANES * C.LANES
-    mx = C._max_vectors(s, s.shape[0] // C.LANES)
-    for j in range(whole, s.shape[0]):
-        mx = max(mx, s[j])
-    return mx
-
-
 @pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 31, 32, 33, 39, 64, 127, 128, 129, 300])
 def test_the_vector_max_of_a_softmax_row_is_the_max(n):
-    """`_max_vectors` (LANES at a time, then halved) with the scalar rest is the row's max exactly, wherever the max
+    """`_row_max` (`_max_vectors`, LANES at a time, then halved, and the scalar rest) is the row's max exactly, wherever the max
     falls (first, last, in the tail, in any lane), with -inf and NEG (masked keys) among the values."""
     rng = np.random.default_rng(n)
     for where in [0, n - 1, int(rng.integers(n))]:
@@ -581,6 +571,6 @@ def test_the_vector_max_of_a_softmax_row_is_the_max(n):
         s[rng.random(n) < 0.2] = R.NEG
         s[rng.random(n) < 0.1] = -np.inf
         s[where] = 100.0
-        assert _row_max_as_softmax_takes_it(s) == 100.0 == s.max()
+        assert C._row_max(s) == 100.0 == s.max()
     s = np.full(n, -np.inf, np.float32)
-    assert _row_max_as_softmax_takes_it(s) == -np.inf
+    assert C._row_max(s) == -np.inf

@@ -248,15 +248,20 @@ def _max_vectors(typingctx, s, n_vec):
     return types.float32(s, n_vec), codegen
 
 
+@nb.njit(inline="always", **_jit)
+def _row_max(s):                                                     # [n] -> its largest value (NaN passed over)
+    mx = _max_vectors(s, s.shape[0] // LANES)                        # whole vectors, then the rest
+    for j in range(s.shape[0] // LANES * LANES, s.shape[0]):
+        mx = max(mx, s[j])
+    return mx
+
+
 @nb.njit(fastmath={"reassoc", "nsz", "nnan", "contract"}, **_jit)
 def _softmax_row(s, bias_b, scale):                                  # [n] logits -> probabilities, in place
     n = s.shape[0]
     for j in range(n):
         s[j] = s[j] / scale + bias_b[j]
-    whole = n // LANES * LANES
-    mx = _max_vectors(s, n // LANES)                                 # the max of whole vectors, then the rest
-    for j in range(whole, n):
-        mx = max(mx, s[j])
+    mx = _row_max(s)
     for j in range(n):
         s[j] = _exp(s[j] - mx)
     tot = np.float32(0.0)
